@@ -1,0 +1,179 @@
+"""
+Mask structures: parsing ``mask_structure``, reading the structure from a pruned
+weight's zeros, and making an initial mask (Wanda or magnitude) for standalone use.
+
+Plain torch; nothing here imports llm-compressor.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = [
+    "MaskStructureError",
+    "parse_mask_structure",
+    "format_structure",
+    "infer_structure",
+    "check_structure",
+    "initial_mask",
+    "INFER_BLOCK_SIZES",
+]
+
+#: block sizes tried, smallest first, when the structure is read from the zeros
+INFER_BLOCK_SIZES = (4, 8, 16, 32)
+
+
+class MaskStructureError(ValueError):
+    """A mask structure that is malformed, impossible, or contradicts the zeros."""
+
+
+def parse_mask_structure(value: str | None) -> tuple[int, int] | None:
+    """
+    Parse ``"N:M"`` (N zeros in every block of M consecutive input columns).
+
+    :return: ``None`` for unstructured (``"0:0"`` or ``"unstructured"``), else
+        ``(N, M)`` with ``0 < N < M``; ``None`` given, ``None`` returned
+    :raises MaskStructureError: if the text is not of that form or N:M is impossible
+    """
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    if text in ("0:0", "unstructured"):
+        return None
+    match = re.fullmatch(r"(\d+):(\d+)", text)
+    if not match:
+        raise MaskStructureError(
+            f"mask_structure {value!r} is not of the form 'N:M' (N zeros in every block "
+            "of M input columns): use '2:4', '4:8', or '0:0' for unstructured"
+        )
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise MaskStructureError(
+            f"mask_structure {value!r} is impossible: it needs 0 < N < M "
+            "(for example '2:4' or '4:8'), or '0:0' for unstructured"
+        )
+    return n, m
+
+
+def format_structure(nm: tuple[int, int] | None) -> str:
+    return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+
+def _block_zero_counts(zero: torch.Tensor, m: int) -> torch.Tensor:
+    rows, cols = zero.shape
+    return zero.reshape(rows, cols // m, m).sum(-1)
+
+
+def infer_structure(
+    current: torch.Tensor, dense: torch.Tensor | None = None
+) -> tuple[int, int] | None:
+    """
+    Read the mask structure from the zeros of a pruned weight ``[rows, cols]``.
+
+    N:M is found when, for the smallest block size M tried (4, 8, 16, 32) that
+    divides ``cols``, every block holds the same number N >= 1 of zeros; a block
+    may hold more only where the dense weight itself had that many exact zeros
+    (real checkpoints have a few). Anything else is unstructured.
+    """
+    zero = current == 0
+    dense_zero = (dense == 0) if dense is not None else torch.zeros_like(zero)
+    cols = zero.shape[1]
+    for m in INFER_BLOCK_SIZES:
+        if cols % m:
+            continue
+        counts = _block_zero_counts(zero, m)
+        n = int(counts.min())
+        if n < 1 or n >= m:
+            continue
+        extra = counts > n
+        if extra.any():
+            dense_counts = _block_zero_counts(dense_zero, m)
+            if not bool((counts[extra] <= dense_counts[extra]).all()):
+                continue
+        return n, m
+    return None
+
+
+def check_structure(
+    current: torch.Tensor,
+    nm: tuple[int, int] | None,
+    dense: torch.Tensor | None = None,
+    name: str = "layer",
+):
+    """
+    Check that the zeros of ``current`` satisfy the declared structure.
+
+    :raises MaskStructureError: naming the fix, if they do not
+    """
+    found = infer_structure(current, dense)
+    if nm is None:
+        if found is not None:
+            raise MaskStructureError(
+                f"{name}: mask_structure is unstructured but the earlier pruner left "
+                f"{format_structure(found)} zeros; unstructured refinement would break "
+                f"them. Set mask_structure: '{format_structure(found)}' or leave it unset "
+                "to read it from the zeros"
+            )
+        return
+    n, m = nm
+    cols = current.shape[1]
+    if cols % m:
+        raise MaskStructureError(
+            f"{name}: mask_structure '{n}:{m}' needs the number of input columns "
+            f"({cols}) to be a multiple of {m}; use another N:M or '0:0'"
+        )
+    counts = _block_zero_counts(current == 0, m)
+    if not bool((counts >= n).all()):
+        raise MaskStructureError(
+            f"{name}: mask_structure '{n}:{m}' contradicts the zeros left by the earlier "
+            f"pruner ({format_structure(found)}); set mask_structure to what the pruner "
+            "used, or leave it unset to read it from the zeros"
+        )
+
+
+def initial_mask(
+    weight: torch.Tensor,
+    sparsity: float | None,
+    nm: tuple[int, int] | None,
+    kind: str,
+    sqnorm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Make an initial mask (True where pruned) for standalone DSnoT.
+
+    - ``wanda``: score ``|W| * sqrt(sqnorm)``; unstructured prunes the
+      ``int(cols * sparsity)`` lowest of every row, as llm-compressor's Wanda does.
+    - ``magnitude``: score ``|W|``; unstructured prunes the ``int(numel * sparsity)``
+      lowest of the whole layer (so rows differ), as plain magnitude pruning does.
+    - N:M (either kind): the N lowest scores of every block of M columns.
+
+    Ties are broken by column order (stable sort), so the mask is deterministic.
+    """
+    w = weight.float().abs()
+    if kind == "wanda":
+        if sqnorm is None:
+            raise ValueError("initial='wanda' needs the inputs' mean squares")
+        score = w * sqnorm.float().clamp_min(0).sqrt().unsqueeze(0)
+    elif kind == "magnitude":
+        score = w
+    else:
+        raise ValueError(f"initial must be 'wanda' or 'magnitude', not {kind!r}")
+    rows, cols = score.shape
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if nm is not None:
+        n, m = nm
+        blocks = score.reshape(rows, cols // m, m)
+        order = torch.sort(blocks, dim=-1, stable=True).indices[..., :n]
+        mask.view(rows, cols // m, m).scatter_(-1, order, True)
+        return mask
+    if kind == "wanda":
+        k = int(cols * sparsity)
+        order = torch.sort(score, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, order, True)
+        return mask
+    k = int(score.numel() * sparsity)
+    order = torch.sort(score.flatten(), stable=True).indices[:k]
+    mask.view(-1)[order] = True
+    return mask

@@ -1,0 +1,149 @@
+"""
+Streaming statistics of a linear layer's inputs, one row per token.
+
+Everything is kept as sums and counts, so the statistics are additive: two
+``InputStats`` of the same layer (two batches, two processes) merge exactly by
+adding their fields. Plain torch; nothing here imports llm-compressor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["InputStats", "NonFiniteStatisticsError", "VARIANCE_KINDS"]
+
+#: how the variance of an input column is defined, see :meth:`InputStats.var`
+VARIANCE_KINDS = ("per_sequence", "global")
+
+
+class NonFiniteStatisticsError(ValueError):
+    """The calibration inputs of a layer held NaN or inf."""
+
+
+class InputStats:
+    """
+    Per-column statistics of the inputs ``x`` of one layer.
+
+    - ``mean[c]``: the mean of x_c over all tokens;
+    - ``sqnorm[c]``: the mean of x_c² over all tokens (Wanda's statistic);
+    - ``var("global")[c]``: the variance of x_c over all tokens;
+    - ``var("per_sequence")[c]``: the variance of x_c within each calibration
+      sequence, averaged over sequences (spread between sequences left out), which
+      is the definition of the DSnoT authors' code;
+    - ``gram()``: ``E[x xᵀ]``, the C×C Gram matrix (only if ``with_gram``).
+
+    Column sums are kept in float64, the Gram matrix in float32 (as SparseGPT's
+    Hessian), on the device given.
+
+    :param num_columns: number of input features C
+    :param with_moments: keep the sums behind mean, variance and mean square
+    :param with_gram: keep the Gram matrix
+    """
+
+    def __init__(
+        self,
+        num_columns: int,
+        device: torch.device | str = "cpu",
+        with_moments: bool = True,
+        with_gram: bool = False,
+    ):
+        self.num_columns = num_columns
+        self.tokens = 0
+        self.sequences = 0
+        zeros = lambda *shape, dtype=torch.float64: torch.zeros(  # noqa: E731
+            *shape, dtype=dtype, device=device
+        )
+        self.sum = zeros(num_columns) if with_moments else None
+        self.sumsq = zeros(num_columns) if with_moments or not with_gram else None
+        self.seq_var_sum = zeros(num_columns) if with_moments else None
+        self.gram_sum = zeros(num_columns, num_columns, dtype=torch.float32) if with_gram else None
+
+    @property
+    def device(self) -> torch.device:
+        any_field = self.sumsq if self.sumsq is not None else self.gram_sum
+        return any_field.device
+
+    def update(self, x: torch.Tensor):
+        """
+        Add a batch of inputs: ``[batch, seq, C]`` (one sequence per batch row) or
+        ``[tokens, C]`` (taken as one sequence).
+        """
+        x = x.detach()
+        if x.shape[-1] != self.num_columns:
+            raise ValueError(
+                f"input has {x.shape[-1]} features, the layer expects {self.num_columns}"
+            )
+        x = x.reshape(1, -1, self.num_columns) if x.dim() <= 2 else x.reshape(
+            -1, x.shape[-2], self.num_columns
+        )
+        x = x.to(device=self.device, dtype=torch.float32)
+        flat = x.reshape(-1, self.num_columns)
+        self.tokens += flat.shape[0]
+        self.sequences += x.shape[0]
+        if self.sum is not None:
+            self.sum += flat.sum(0).double()
+        if self.sumsq is not None:
+            self.sumsq += flat.square().sum(0).double()
+        if self.seq_var_sum is not None:
+            self.seq_var_sum += x.var(dim=1, correction=0).sum(0).double()
+        if self.gram_sum is not None:
+            self.gram_sum.addmm_(flat.t(), flat)
+
+    def merge_(self, other: "InputStats") -> "InputStats":
+        """Add another set of statistics of the same layer into this one."""
+        self.tokens += other.tokens
+        self.sequences += other.sequences
+        for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
+            mine = getattr(self, field)
+            if mine is not None:
+                mine += getattr(other, field).to(mine.device)
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The additive fields, for a sum across processes (counts included)."""
+        counts = torch.tensor(
+            [self.tokens, self.sequences], dtype=torch.float64, device=self.device
+        )
+        fields = [self.sum, self.sumsq, self.seq_var_sum, self.gram_sum]
+        return [counts] + [t for t in fields if t is not None]
+
+    def _need_tokens(self):
+        if self.tokens == 0:
+            raise ValueError("no calibration inputs were seen by this layer")
+
+    def mean(self) -> torch.Tensor:
+        self._need_tokens()
+        return (self.sum / self.tokens).float()
+
+    def sqnorm(self) -> torch.Tensor:
+        self._need_tokens()
+        if self.sumsq is None:
+            return (self.gram_sum.diagonal() / self.tokens).float()
+        return (self.sumsq / self.tokens).float()
+
+    def var(self, kind: str = "per_sequence") -> torch.Tensor:
+        self._need_tokens()
+        if kind == "per_sequence":
+            return (self.seq_var_sum / self.sequences).float()
+        if kind == "global":
+            mean = self.sum / self.tokens
+            return (self.sumsq / self.tokens - mean.square()).clamp_min(0).float()
+        raise ValueError(f"variance must be one of {VARIANCE_KINDS}, not {kind!r}")
+
+    def gram(self) -> torch.Tensor:
+        self._need_tokens()
+        if self.gram_sum is None:
+            raise ValueError("these statistics were made without the Gram matrix")
+        return self.gram_sum / self.tokens
+
+    def check_finite(self, name: str = "layer"):
+        """:raises NonFiniteStatisticsError: if any statistic is NaN or inf"""
+        for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
+            value = getattr(self, field)
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise NonFiniteStatisticsError(
+                    f"the calibration inputs of {name} hold NaN or inf values, so its "
+                    "statistics are not finite. Run calibration in float32 or bfloat16 "
+                    "(float16 overflows in many LLMs), and check the calibration data "
+                    "and the layers before this one"
+                )
