@@ -16,7 +16,8 @@ Two objectives share the machinery (see the package README and DSNOT.md):
   and the inputs' Gram matrix ``H = E[x xᵀ]``. Greedy: the grow that lowers
   ``L_i`` most, then the best prune given it (cross term included; for N:M in the
   same block). A swap is made only if it lowers ``L_i``, so ``L_i`` decreases
-  monotonically and needs no threshold.
+  monotonically and needs no threshold. Here too each weight changes state at
+  most once.
 
 A row stops for good at its first refused swap, when its candidates run out,
 or at the cycle limit. All rows advance together (no Python loop over rows);
@@ -197,24 +198,27 @@ class _GramObjective(_Objective):
         self.e = w - wc
         self.u = self.e @ gram
         self.loss = (self.e * self.u).sum(1)
+        # each weight changes state at most once: a pruned weight may be grown, a kept
+        # one pruned, never back (so kept values are always the pruner's)
+        self.growable = (wc == 0) & (w != 0)
+        self.prunable = wc != 0
         self.total = None
         self.h_g = None
 
     def propose(self):
         w, wc, e, u, h_diag = self.w, self.wc, self.e, self.u, self.h_diag
-        growable = (wc == 0) & (w != 0)
-        d_grow = torch.where(growable, e * (e * h_diag - 2 * u), _INF)
+        d_grow = torch.where(self.growable, e * (e * h_diag - 2 * u), _INF)
         g = d_grow.argmin(1)
         delta_g = -_take(e, g)
         h_g = self.h.index_select(0, g)  # H is symmetric: row g is column g
         if self.nm is None:
-            cols, wc_p, u_p, hg_p, hd_p = None, wc, u, h_g, h_diag
+            cols, wc_p, u_p, hg_p, hd_p, ok_p = None, wc, u, h_g, h_diag, self.prunable
         else:
             cols = _block_columns(g, self.nm[1])
             wc_p, u_p, hg_p = wc.gather(1, cols), u.gather(1, cols), h_g.gather(1, cols)
-            hd_p = h_diag[cols]
+            hd_p, ok_p = h_diag[cols], self.prunable.gather(1, cols)
         d_prune = wc_p * (2 * (u_p + delta_g.unsqueeze(1) * hg_p) + wc_p * hd_p)
-        d_prune = torch.where(wc_p != 0, d_prune, _INF)
+        d_prune = torch.where(ok_p, d_prune, _INF)
         best = d_prune.argmin(1)
         p = best if cols is None else _take(cols, best)
         total = _take(d_grow, g) + _take(d_prune, best)
@@ -230,6 +234,8 @@ class _GramObjective(_Objective):
         e[idx, g] = 0
         e[idx, p] = w[idx, p]
         self.loss[idx] += self.total[idx]
+        self.growable[idx, g] = False
+        self.prunable[idx, p] = False
         super().apply(idx, g, p)
 
     def error(self) -> float:

@@ -1,0 +1,155 @@
+"""
+Shared steps of the main job, the benchmark and the examples: load a model,
+make the calibration set, prune with a recipe through llm-compressor's oneshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from loguru import logger
+
+__all__ = [
+    "load_model",
+    "load_tokenizer",
+    "calibration_dataset",
+    "make_recipe",
+    "run_oneshot",
+    "OneshotRun",
+    "quiet_llmcompressor",
+    "layer_sparsity",
+]
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32):
+    """A causal LM from a local checkpoint or a hub id (safetensors only, no remote code)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+
+
+def calibration_dataset(windows: torch.Tensor):
+    """A ``datasets.Dataset`` of pre-tokenized windows, as oneshot takes it."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
+    )
+
+
+def make_recipe(method: str, sparsity: str, **dsnot_params) -> list:
+    """
+    Modifiers for a method name: ``wanda``, ``sparsegpt``, ``wanda+dsnot``,
+    ``sparsegpt+dsnot``, ``dsnot`` (standalone, Wanda initial mask).
+    ``sparsity`` is a fraction (``"0.6"``) or N:M (``"2:4"``).
+    """
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    from dsnot_modifier import DSnoTModifier
+
+    nm = ":" in sparsity
+    if nm:
+        n, m = (int(x) for x in sparsity.split(":"))
+        fraction, structure = n / m, sparsity
+    else:
+        fraction, structure = float(sparsity), "0:0"
+    common = dict(targets=["Linear"], ignore=["re:.*lm_head"])
+    pruners = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}
+    base, _, extra = method.partition("+")
+    if base == "dsnot" and not extra:
+        return [DSnoTModifier(initial="wanda", mask_structure=structure,
+                              sparsity=None if nm else fraction, **common, **dsnot_params)]
+    if base not in pruners or extra not in ("", "dsnot"):
+        raise ValueError(f"unknown method {method!r}")
+    recipe = [pruners[base](sparsity=fraction, mask_structure=structure, **common)]
+    if extra:
+        recipe.append(DSnoTModifier(**common, **dsnot_params))
+    return recipe
+
+
+@contextlib.contextmanager
+def quiet_llmcompressor(verbose: bool = False):
+    """
+    Keep the console readable: llm-compressor's per-layer INFO and METRIC logs go
+    (warnings and errors stay) and its per-subgraph progress bars vanish once done.
+    """
+    if verbose:
+        yield
+        return
+    from llmcompressor.logger import LOGGER_CONFIG, configure_logger
+    from tqdm.auto import tqdm
+
+    patched = []
+    module = sys.modules.get("llmcompressor.pipelines.sequential.pipeline")
+    if module is not None and isinstance(getattr(module, "tqdm", None), type):
+        patched.append((module, module.tqdm))
+        module.tqdm = functools.partial(tqdm, leave=False)
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        format="{level} - {message}",
+        filter=lambda r: r["level"].no >= 30 and r["level"].name != "METRIC",
+    )
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.tqdm = original
+        configure_logger(LOGGER_CONFIG)
+
+
+@dataclass
+class OneshotRun:
+    model: torch.nn.Module
+    seconds: float
+    dsnot_seconds: float
+    report: object | None
+
+
+def run_oneshot(path: str, recipe: list, windows: torch.Tensor, verbose: bool = False) -> OneshotRun:
+    """Prune a fresh copy of the model at ``path`` with ``recipe``, sequential pipeline."""
+    import llmcompressor.pipelines.sequential.pipeline  # noqa: F401  (so that it can be quieted)
+    from llmcompressor import oneshot
+
+    from dsnot_modifier import DSnoTModifier
+
+    model = load_model(path)
+    tokenizer = load_tokenizer(path)
+    start = time.perf_counter()
+    with quiet_llmcompressor(verbose):
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=calibration_dataset(windows),
+            recipe=recipe,
+            pipeline="sequential",
+            num_calibration_samples=windows.shape[0],
+            max_seq_length=windows.shape[1],
+            shuffle_calibration_samples=False,
+        )
+    seconds = time.perf_counter() - start
+    dsnot = [m for m in recipe if isinstance(m, DSnoTModifier)]
+    report = dsnot[0].report if dsnot else None
+    dsnot_seconds = report.summary()["seconds"] if report is not None else 0.0
+    return OneshotRun(model=model, seconds=seconds, dsnot_seconds=dsnot_seconds, report=report)
+
+
+def layer_sparsity(model: torch.nn.Module, ignore: str = "lm_head") -> float:
+    """Fraction of zeros over the Linear layers of the decoder (``lm_head`` left out)."""
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ignore not in name:
+            zeros += int((module.weight == 0).sum())
+            total += module.weight.numel()
+    return zeros / max(total, 1)
