@@ -275,6 +275,10 @@ class DSnoTModifier(Modifier):
             )
             self._leaders.add(module)
         if module in self._leaders:
+            if not bool(torch.isfinite(inp).all()):
+                # before the pruner touches this layer (it prunes at the epoch's end)
+                self._stats[module].update(inp)
+                self._stats[module].check_finite(self._names[module])
             self._stats[module].update(inp)
             self._last_input = weakref.ref(inp)
             self._last_stats = self._stats[module]
