@@ -102,7 +102,13 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 class _Objective:
-    """One chunk of rows under one objective: what a cycle proposes, what a swap does."""
+    """
+    One chunk of rows under one objective: what a cycle proposes, what a swap does.
+    Every tensor named in ``row_fields`` has one entry per row, so that the rows
+    that stopped can be dropped (:meth:`select`) and the cycles get cheaper.
+    """
+
+    row_fields = ("w", "wc")
 
     def __init__(self, w: torch.Tensor, wc: torch.Tensor, nm: tuple[int, int] | None):
         self.w, self.wc, self.nm = w, wc, nm
@@ -117,11 +123,23 @@ class _Objective:
         wc[idx, g] = w[idx, g]
         wc[idx, p] = 0
 
-    def error(self) -> float:
+    def row_error(self) -> torch.Tensor:
+        """The objective's error of every row (``mean``: |r_i|; ``gram``: L_i)."""
         raise NotImplementedError
+
+    def select(self, keep: torch.Tensor):
+        """Keep only the rows ``keep`` (indices into the current rows)."""
+        for name in self.row_fields:
+            value = getattr(self, name)
+            if isinstance(value, (tuple, list)):
+                setattr(self, name, type(value)(v[keep] for v in value))
+            elif value is not None:
+                setattr(self, name, value[keep])
 
 
 class _MeanObjective(_Objective):
+    row_fields = ("w", "wc", "r", "grow_order", "n_grow", "prune_order", "n_prune", "score", "ptr")
+
     def __init__(self, w, wc, nm, *, mean, var_p, score_col, threshold, sign_check):
         super().__init__(w, wc, nm)
         rows, cols = w.shape
@@ -131,19 +149,21 @@ class _MeanObjective(_Objective):
         self.r = (w - wc) @ mean
         # grow list: pruned weights by W·mean/var^p, largest first; the positive ones
         # (for r > 0) are walked from the front, the negative ones (r < 0) from the back
-        grow_key = torch.where(pruned, w * (mean / var_p), torch.zeros((), dtype=w.dtype, device=w.device))
+        grow_key = (w * (mean / var_p)).masked_fill_(~pruned, 0)
         self.grow_order = torch.sort(grow_key, dim=1, descending=True, stable=True).indices
         self.n_grow = ((grow_key > 0).sum(1), (grow_key < 0).sum(1))
-        score = wc.abs() * score_col
+        del grow_key
+        score = wc.abs().mul_(score_col)
+        self.prune_order = self.n_prune = self.score = None
         if nm is None:
             # prune list, ascending: [r>0 group: Wc·mean<0 by descending score]
             # [r<0 group: Wc·mean>0 by ascending score] [others]
             v = wc * mean
-            prune_key = torch.where(v < 0, -score, torch.where(v > 0, score, _INF))
+            prune_key = torch.where(v < 0, -score, score).masked_fill_(v == 0, _INF)
             self.prune_order = torch.sort(prune_key, dim=1, stable=True).indices
             self.n_prune = ((v < 0).sum(1), (v > 0).sum(1))
         else:
-            self.score = torch.where(pruned, _INF, score)
+            self.score = score.masked_fill_(pruned, _INF)
         zeros = torch.zeros(rows, dtype=torch.long, device=w.device)
         self.ptr = [zeros.clone() for _ in range(4)]  # grow+, grow-, prune (r>0), prune (r<0)
         self.pos = None
@@ -155,11 +175,11 @@ class _MeanObjective(_Objective):
         gp, gn, qn, qp = self.ptr
         pos = r > 0
         g_ok = torch.where(pos, gp < self.n_grow[0], gn < self.n_grow[1])
-        g = _take(self.grow_order, torch.where(pos, gp, last - gn).clamp(0, last))
+        g = _take(self.grow_order, torch.where(pos, gp, last - gn).clamp_(0, last))
         if self.nm is None:
             n_neg, n_pos = self.n_prune
             p_ok = torch.where(pos, qn < n_neg, qp < n_pos)
-            p = _take(self.prune_order, torch.where(pos, n_neg - 1 - qn, n_neg + qp).clamp(0, last))
+            p = _take(self.prune_order, torch.where(pos, n_neg - 1 - qn, n_neg + qp).clamp_(0, last))
         else:
             block = _block_columns(g, self.nm[1])
             s = self.score.gather(1, block)
@@ -176,20 +196,22 @@ class _MeanObjective(_Objective):
     def apply(self, idx, g, p):
         super().apply(idx, g, p)
         self.r[idx] = self.r_new[idx]
-        pos = self.pos[idx]
+        pos = self.pos[idx].long()
         gp, gn, qn, qp = self.ptr
-        gp[idx] += pos.long()
-        gn[idx] += (~pos).long()
-        qn[idx] += pos.long()
-        qp[idx] += (~pos).long()
+        gp[idx] += pos
+        gn[idx] += 1 - pos
+        qn[idx] += pos
+        qp[idx] += 1 - pos
         if self.nm is not None:
             self.score[idx, p] = _INF
 
-    def error(self) -> float:
-        return float(((self.w - self.wc) @ self.mean).abs().double().sum())
+    def row_error(self):
+        return self.r.abs()
 
 
 class _GramObjective(_Objective):
+    row_fields = ("w", "wc", "e", "u", "loss", "grow_penalty", "prune_penalty")
+
     def __init__(self, w, wc, nm, *, gram, rtol):
         super().__init__(w, wc, nm)
         self.h = gram
@@ -199,29 +221,37 @@ class _GramObjective(_Objective):
         self.u = self.e @ gram
         self.loss = (self.e * self.u).sum(1)
         # each weight changes state at most once: a pruned weight may be grown, a kept
-        # one pruned, never back (so kept values are always the pruner's)
-        self.growable = (wc == 0) & (w != 0)
-        self.prunable = wc != 0
+        # one pruned, never back (so kept values are always the pruner's). Excluded
+        # candidates carry +inf, added to their score (an add is much faster on CPU
+        # than a masked fill)
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        self.grow_penalty = torch.where((wc != 0) | (w == 0), _INF, zero)
+        self.prune_penalty = torch.where(wc == 0, _INF, zero)
         self.total = None
         self.h_g = None
 
     def propose(self):
-        w, wc, e, u, h_diag = self.w, self.wc, self.e, self.u, self.h_diag
-        d_grow = torch.where(self.growable, e * (e * h_diag - 2 * u), _INF)
+        wc, e, u, h_diag = self.wc, self.e, self.u, self.h_diag
+        # growing g (e_g -> 0): dL = e_g (e_g H_gg - 2 u_g)
+        d_grow = (e * h_diag).sub_(u, alpha=2).mul_(e).add_(self.grow_penalty)
         g = d_grow.argmin(1)
+        d_g = _take(d_grow, g)
+        del d_grow
         delta_g = -_take(e, g)
         h_g = self.h.index_select(0, g)  # H is symmetric: row g is column g
+        # pruning p (e_p -> e_p + Wc_p) after growing g:
+        # dL = Wc_p (2 (u_p + delta_g H_gp) + Wc_p H_pp)
         if self.nm is None:
-            cols, wc_p, u_p, hg_p, hd_p, ok_p = None, wc, u, h_g, h_diag, self.prunable
+            cols, wc_p, u_p, hg_p, hd_p, penalty = None, wc, u, h_g, h_diag, self.prune_penalty
         else:
             cols = _block_columns(g, self.nm[1])
             wc_p, u_p, hg_p = wc.gather(1, cols), u.gather(1, cols), h_g.gather(1, cols)
-            hd_p, ok_p = h_diag[cols], self.prunable.gather(1, cols)
-        d_prune = wc_p * (2 * (u_p + delta_g.unsqueeze(1) * hg_p) + wc_p * hd_p)
-        d_prune = torch.where(ok_p, d_prune, _INF)
+            hd_p, penalty = h_diag[cols], self.prune_penalty.gather(1, cols)
+        d_prune = torch.addcmul(u_p, hg_p, delta_g.unsqueeze(1)).mul_(2).addcmul_(wc_p, hd_p)
+        d_prune.mul_(wc_p).add_(penalty)
         best = d_prune.argmin(1)
         p = best if cols is None else _take(cols, best)
-        total = _take(d_grow, g) + _take(d_prune, best)
+        total = d_g + _take(d_prune, best)
         ok = total < -self.rtol * self.loss.clamp_min(0)
         self.total, self.h_g = total, h_g
         return g, p, ok
@@ -229,18 +259,20 @@ class _GramObjective(_Objective):
     def apply(self, idx, g, p):
         w, wc, e = self.w, self.wc, self.e
         delta_g = -e[idx, g]
-        delta_p = wc[idx, p].clone()
-        self.u[idx] += delta_g.unsqueeze(1) * self.h_g[idx] + delta_p.unsqueeze(1) * self.h.index_select(0, p)
+        delta_p = wc[idx, p]
+        update = self.h.index_select(0, p).mul_(delta_p.unsqueeze(1))
+        update.addcmul_(self.h_g[idx], delta_g.unsqueeze(1))
+        self.u.index_add_(0, idx, update)
         e[idx, g] = 0
         e[idx, p] = w[idx, p]
         self.loss[idx] += self.total[idx]
-        self.growable[idx, g] = False
-        self.prunable[idx, p] = False
+        self.grow_penalty[idx, g] = _INF
+        self.prune_penalty[idx, p] = _INF
         super().apply(idx, g, p)
 
-    def error(self) -> float:
+    def row_error(self):
         # tracked incrementally; tests recompute it exactly with gram_error
-        return float(self.loss.clamp_min(0).double().sum())
+        return self.loss.clamp_min(0)
 
 
 def _check_inputs(dense, current, objective, mean, var, sqnorm, gram, nm, max_cycles):
@@ -328,16 +360,17 @@ def refine_mask(
 
     out = current.clone()
     swaps = torch.zeros(rows, dtype=torch.long, device=device)
-    before = after = 0.0
+    before = torch.zeros((), dtype=torch.float64, device=device)
+    after = torch.zeros((), dtype=torch.float64, device=device)
     cycles_run = 0
     for start in range(0, rows, chunk_rows):
         stop = min(start + chunk_rows, rows)
         w = dense[start:stop].to(dtype)
         wc = current[start:stop].to(dtype, copy=True)
         state = make(w, wc, nm, **options)
-        before += state.error()
+        before += state.row_error().double().sum()
+        live = torch.arange(start, stop, device=device)  # the rows still in `state`
         active = torch.ones(stop - start, dtype=torch.bool, device=device)
-        chunk_swaps = swaps[start:stop]
         for cycle in range(max_cycles):
             g, p, ok = state.propose()
             ok &= active
@@ -345,16 +378,24 @@ def refine_mask(
             if idx.numel() == 0:
                 break
             state.apply(idx, g[idx], p[idx])
-            chunk_swaps += ok.long()
+            swaps.index_add_(0, live[idx], torch.ones_like(idx))
             active = ok
             cycles_run = max(cycles_run, cycle + 1)
-        after += state.error()
-        out[start:stop] = state.wc.to(out.dtype)
+            if 2 * idx.numel() <= live.numel():
+                # drop the rows that stopped: write them out, keep the active ones
+                done = (~ok).nonzero().squeeze(1)
+                out[live[done]] = state.wc[done].to(out.dtype)
+                after += state.row_error()[done].double().sum()
+                state.select(idx)
+                live = live[idx]
+                active = torch.ones(idx.numel(), dtype=torch.bool, device=device)
+        out[live] = state.wc.to(out.dtype)
+        after += state.row_error().double().sum()
     return RefineResult(
         weight=out,
         swaps=int(swaps.sum()),
         rows_changed=int((swaps > 0).sum()),
-        error_before=before,
-        error_after=after,
+        error_before=float(before),
+        error_after=float(after),
         cycles=cycles_run,
     )

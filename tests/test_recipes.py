@@ -1,0 +1,37 @@
+"""Every shipped recipe parses, runs on the tiny model, and leaves the structure it names."""
+
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+
+from test_modifier import linears, run
+
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml")))
+
+
+def test_recipes_are_shipped():
+    names = {os.path.basename(p) for p in RECIPES}
+    assert {"wanda_dsnot_unstructured.yaml", "wanda_dsnot_2of4.yaml",
+            "sparsegpt_dsnot_2of4.yaml", "dsnot_standalone.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_recipe_runs_and_keeps_its_structure(path, tiny_model_dir, calib_windows):
+    with open(path) as f:
+        spec = yaml.safe_load(f)
+    modifiers = next(iter(next(iter(spec.values())).values()))
+    assert "DSnoTModifier" in modifiers
+    first = next(iter(modifiers.values()))
+    structure = first.get("mask_structure", "0:0")
+    model = run(tiny_model_dir, calib_windows, path)
+    for name, w in linears(model).items():
+        zeros = w == 0
+        if structure == "0:0":
+            # Wanda (and DSnoT's own Wanda mask) prune int(cols * sparsity) of every row
+            assert bool((zeros.sum(1) == int(w.shape[1] * first["sparsity"])).all()), name
+        else:
+            n, m = map(int, structure.split(":"))
+            assert bool((zeros.reshape(w.shape[0], -1, m).sum(-1) == n).all()), name
