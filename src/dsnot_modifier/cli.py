@@ -4,11 +4,15 @@ The ``dsnot`` command.
 - ``dsnot run``: the main job. Prune a model (the embedded SmolLM2-135M-Instruct
   by default) with Wanda, then with Wanda + DSnoT for each objective, and print
   the held-out perplexity of each next to the dense model's.
+
+Other subcommands live in modules of their own, each with ``add_parser(sub)``
+and ``run(args) -> int`` (see ``_SUBCOMMANDS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -98,6 +102,10 @@ def main_job(
     return rows
 
 
+#: subcommands implemented elsewhere: name -> module with add_parser(sub) and run(args)
+_SUBCOMMANDS: dict[str, str] = {}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsnot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     run.add_argument("--verbose", action="store_true", help="keep llm-compressor's logs and bars")
+    for module in _SUBCOMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -126,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             calib_samples=args.calib_samples, seq_len=args.seq_len, eval_windows=args.eval_windows,
             threads=args.threads, json_path=args.json_path, verbose=args.verbose,
         )
-    return 0
+        return 0
+    return int(importlib.import_module(_SUBCOMMANDS[args.command]).run(args) or 0)
 
 
 if __name__ == "__main__":
