@@ -8,6 +8,20 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 VOCAB = 96
 
+#: markers whose tests run only when `-m` names them (they need a large environment)
+OPT_IN_MARKERS = ("vllm",)
+
+
+def pytest_collection_modifyitems(config, items):
+    expression = config.getoption("-m") or ""
+    for marker in OPT_IN_MARKERS:
+        if marker in expression:
+            continue
+        skip = pytest.mark.skip(reason=f"opt-in: run with `pytest -m {marker}`")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
