@@ -103,7 +103,10 @@ def main_job(
 
 
 #: subcommands implemented elsewhere: name -> module with add_parser(sub) and run(args)
-_SUBCOMMANDS: dict[str, str] = {}
+_SUBCOMMANDS: dict[str, str] = {
+    "bench": "dsnot_modifier.bench",
+    "eval": "dsnot_modifier.evaluate",
+}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -67,14 +67,15 @@ def make_recipe(method: str, sparsity: str, **dsnot_params) -> list:
     common = dict(targets=["Linear"], ignore=["re:.*lm_head"])
     pruners = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}
     base, _, extra = method.partition("+")
+    dsnot = {**common, **dsnot_params}  # DSnoT's own targets may narrow the pruner's
     if base == "dsnot" and not extra:
         return [DSnoTModifier(initial="wanda", mask_structure=structure,
-                              sparsity=None if nm else fraction, **common, **dsnot_params)]
+                              sparsity=None if nm else fraction, **dsnot)]
     if base not in pruners or extra not in ("", "dsnot"):
         raise ValueError(f"unknown method {method!r}")
     recipe = [pruners[base](sparsity=fraction, mask_structure=structure, **common)]
     if extra:
-        recipe.append(DSnoTModifier(**common, **dsnot_params))
+        recipe.append(DSnoTModifier(**dsnot))
     return recipe
 
 
