@@ -106,6 +106,7 @@ def main_job(
 _SUBCOMMANDS: dict[str, str] = {
     "bench": "dsnot_modifier.bench",
     "eval": "dsnot_modifier.evaluate",
+    "verify": "dsnot_modifier.checkpoint",
 }
 
 
