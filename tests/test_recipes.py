@@ -9,11 +9,13 @@ import yaml
 
 from test_modifier import linears, run
 
-RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml")))
+ALL_RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml")))
+# the quantization recipes are run, with stricter zero-pattern checks, by test_quantization.py
+RECIPES = [p for p in ALL_RECIPES if "_quant_" not in os.path.basename(p)]
 
 
 def test_recipes_are_shipped():
-    names = {os.path.basename(p) for p in RECIPES}
+    names = {os.path.basename(p) for p in ALL_RECIPES}
     assert {"wanda_dsnot_unstructured.yaml", "wanda_dsnot_2of4.yaml",
             "sparsegpt_dsnot_2of4.yaml", "dsnot_standalone.yaml"} <= names
 
