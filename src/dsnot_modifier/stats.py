@@ -107,6 +107,28 @@ class InputStats:
         fields = [self.sum, self.sumsq, self.seq_var_sum, self.gram_sum]
         return [counts] + [t for t in fields if t is not None]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the statistics' tensors (for memory accounting)."""
+        fields = (self.sum, self.sumsq, self.seq_var_sum, self.gram_sum)
+        return sum(t.nbytes for t in fields if t is not None)
+
+    def all_reduce_(self, group=None) -> "InputStats":
+        """
+        Sum these statistics over the ranks of ``group`` (``torch.distributed``; the
+        default group if None), in place: every rank ends with the statistics of all
+        the ranks' inputs, as one process would have seen them (up to the order of
+        float additions). Every rank of the group must call this, for the same
+        layers in the same order, with statistics of the same kind and shape.
+        """
+        import torch.distributed as dist
+
+        tensors = self.tensors()
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        self.tokens, self.sequences = (int(round(c)) for c in tensors[0].tolist())
+        return self
+
     def _need_tokens(self):
         if self.tokens == 0:
             raise ValueError("no calibration inputs were seen by this layer")
