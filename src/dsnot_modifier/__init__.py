@@ -7,10 +7,11 @@ Importing this package registers ``DSnoTModifier`` with llm-compressor's
 
 from llmcompressor.modifiers.factory import ModifierFactory
 
+from dsnot_modifier.distributed import DSnoTDistributedError
 from dsnot_modifier.modifier import DSnoTConfigError, DSnoTModifier
 from dsnot_modifier.report import DSnoTReport, LayerReport
 
-__all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTReport", "LayerReport", "__version__"]
+__all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTDistributedError", "DSnoTReport", "LayerReport", "__version__"]
 
 __version__ = "0.1.0"
 
