@@ -1,0 +1,376 @@
+"""
+Serving DSnoT-pruned checkpoints with vLLM, in vLLM's own environment.
+
+The integration tests (marker ``vllm``, opt-in: ``pytest -m vllm tests/test_vllm.py``)
+build or reuse that environment with scripts/setup-vllm, prune the embedded
+SmolLM2-135M-Instruct with Wanda 2:4 + DSnoT (examples/make_serving_checkpoints.py,
+a small calibration set) into a float32 and an INT8 W8A8 checkpoint, run vLLM on
+both in a subprocess of the vLLM environment (examples/serve_vllm.py's functions),
+and compare with transformers on the same checkpoints:
+
+(a) float32: vLLM's greedy continuation of every prompt equals transformers'
+    token for token, and its prompt logprobs agree within ``F32_LOGPROB_ATOL``;
+(b) INT8 W8A8: vLLM runs real int8 matmuls (CPUInt8ScaledMMLinearKernel on CPU),
+    transformers (compressed-tensors) the same quantization simulated in float. Per
+    token the two cannot agree closely: on this pruned SmolLM2, per-token int8
+    activations make the logits chaotic in the last bit of the activation scales
+    (scaling every scale by 1.0001 in a float simulation moves the prompt tokens'
+    logprobs by 0.2 nats on average and changes 10-15% of the top-1 tokens). So
+    the criterion is: mean negative log-likelihood of the prompts within
+    ``W8A8_NLL_ATOL`` nats of transformers' on the same checkpoint, top-1 tokens
+    agreeing at ``W8A8_TOP1`` of the positions or more, and the likelihood within
+    ``W8A8_VS_FLOAT32_NLL_ATOL`` of the float32 checkpoint's (a loader that got
+    the scales wrong fails all three by far).
+
+The OpenAI-compatible server is tested once (float32, greedy, loopback).
+
+Environment: ``DSNOT_VLLM_VENV`` (vLLM's environment, default .venv-vllm),
+``DSNOT_VLLM_CHECKPOINTS`` (reuse an --out directory of make_serving_checkpoints.py
+holding float32 and w8a8 variants instead of pruning again), ``DSNOT_VLLM_RESULTS``
+(write the measurements there as JSON).
+
+The tests without the marker check the error messages and run in the default suite.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+SETUP = ROOT / "scripts" / "setup-vllm"
+
+MAX_TOKENS = 32
+F32_LOGPROB_ATOL = 2e-3
+W8A8_NLL_ATOL = 0.15
+W8A8_TOP1 = 0.75
+W8A8_VS_FLOAT32_NLL_ATOL = 0.3
+TEXT_PROMPTS = (
+    "The capital of France is",
+    "It is a truth universally acknowledged, that a single man in possession of a good "
+    "fortune, must be in want of a wife.",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+)
+#: plus the first 128 tokens of the held-out novel, for many prompt positions
+
+RESULTS: dict = {"date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _venv() -> Path:
+    venv = Path(os.environ.get("DSNOT_VLLM_VENV", ".venv-vllm"))
+    return venv if venv.is_absolute() else ROOT / venv
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _record(key: str, value) -> None:
+    RESULTS[key] = value
+    if os.environ.get("DSNOT_VLLM_RESULTS"):
+        Path(os.environ["DSNOT_VLLM_RESULTS"]).write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+# --- fixtures of the integration tests ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    """vLLM's interpreter, after scripts/setup-vllm made or reused its environment."""
+    started = time.perf_counter()
+    setup = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=3600)
+    if setup.returncode != 0:
+        pytest.fail(
+            f"scripts/setup-vllm failed (exit {setup.returncode}); vLLM's environment is needed "
+            f"for these tests. Run scripts/setup-vllm by hand to see why:\n"
+            f"{_tail(setup.stdout + setup.stderr)}"
+        )
+    python = str(_venv() / "bin" / "python")
+    check = subprocess.run(
+        [python, "-c", f"import sys; sys.path.insert(0, {str(EXAMPLES)!r}); import serve_vllm; "
+                       "print(serve_vllm.vllm_version())"],
+        capture_output=True, text=True, timeout=600,
+    )
+    if check.returncode != 0:
+        pytest.fail(f"vLLM in {_venv()} is not usable: {_tail(check.stderr + check.stdout, 5)}")
+    _record("vllm", check.stdout.strip().splitlines()[-1])
+    _record("setup_seconds", round(time.perf_counter() - started, 1))
+    return python
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """The manifest of a float32 and a W8A8 Wanda 2:4 + DSnoT SmolLM2 checkpoint."""
+    reuse = os.environ.get("DSNOT_VLLM_CHECKPOINTS")
+    if reuse:
+        out = Path(reuse)
+    else:
+        out = tmp_path_factory.mktemp("serving")
+        started = time.perf_counter()
+        make = subprocess.run(
+            [sys.executable, str(EXAMPLES / "make_serving_checkpoints.py"), "--out", str(out),
+             "--dtypes", "float32", "--calib-samples", "8", "--seq-len", "128"],
+            capture_output=True, text=True, timeout=5400,
+        )
+        assert make.returncode == 0, f"make_serving_checkpoints.py failed:\n{_tail(make.stdout + make.stderr)}"
+        _record("make_checkpoints_seconds", round(time.perf_counter() - started, 1))
+    manifest = json.loads((out / "serving.json").read_text())
+    missing = {"float32", "w8a8"} - set(manifest["checkpoints"])
+    assert not missing, f"{out} has no {', '.join(sorted(missing))} checkpoint"
+    _record("checkpoints", manifest)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def prompts(checkpoints) -> list[list[int]]:
+    """Token ids (the same ids go to vLLM and to transformers)."""
+    from dsnot_modifier.data import EVAL_TEXT, eval_windows
+    from dsnot_modifier.pipeline import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoints["checkpoints"]["float32"]["path"])
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in TEXT_PROMPTS]
+    ids.append(eval_windows(tokenizer, EVAL_TEXT, 1, 128)[0].tolist())
+    return ids
+
+
+@pytest.fixture(scope="module")
+def vllm_runs(vllm_python, checkpoints, prompts, tmp_path_factory) -> dict:
+    """vLLM's greedy continuations and prompt logprobs of both checkpoints (one subprocess)."""
+    work = tmp_path_factory.mktemp("vllm-run")
+    spec = {
+        "examples": str(EXAMPLES), "prompts": prompts, "max_tokens": MAX_TOKENS,
+        "checkpoints": {k: checkpoints["checkpoints"][k] for k in ("float32", "w8a8")},
+    }
+    (work / "spec.json").write_text(json.dumps(spec))
+    (work / "worker.py").write_text(
+        "import json, sys\n"
+        "def main():\n"
+        "    spec = json.load(open(sys.argv[1]))\n"
+        "    sys.path.insert(0, spec['examples'])\n"
+        "    import serve_vllm\n"
+        "    out = {'vllm': serve_vllm.vllm_version(), 'runs': {}}\n"
+        "    serve_vllm.cpu_environment()\n"
+        "    for name, entry in spec['checkpoints'].items():\n"
+        "        out['runs'][name] = serve_vllm.offline(\n"
+        "            entry['path'], entry['dtype'], spec['prompts'], spec['max_tokens'],\n"
+        "            prompt_logprobs=1, enforce_eager=True)\n"
+        "    json.dump(out, open(sys.argv[2], 'w'))\n"
+        "if __name__ == '__main__':  # vLLM's engine process re-imports this file\n"
+        "    main()\n"
+    )
+    started = time.perf_counter()
+    run = subprocess.run(
+        [vllm_python, str(work / "worker.py"), str(work / "spec.json"), str(work / "out.json")],
+        capture_output=True, text=True, timeout=3600, cwd=str(work),
+    )
+    assert run.returncode == 0, f"vLLM failed:\n{_tail(run.stdout + run.stderr, 60)}"
+    out = json.loads((work / "out.json").read_text())
+    _record("vllm_offline_seconds", round(time.perf_counter() - started, 1))
+    _record("vllm_offline", {
+        name: {k: round(r[k], 2) for k in ("load_seconds", "generate_seconds", "tokens_per_second",
+                                          "single_tokens_per_second")}
+        for name, r in out["runs"].items()
+    })
+    return out["runs"]
+
+
+def _hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy continuation, never stopping early (as vLLM with ignore_eos)."""
+    out, past, x = [], None, torch.tensor([ids])
+    for _ in range(n):
+        step = model(input_ids=x, past_key_values=past, use_cache=True)
+        past = step.past_key_values
+        token = int(step.logits[0, -1].argmax())
+        out.append(token)
+        x = torch.tensor([[token]])
+    return out
+
+
+@torch.no_grad()
+def _hf_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """Log-softmax of the logits at every position but the last, ``[len - 1, vocab]``."""
+    return model(input_ids=torch.tensor([ids])).logits[0, :-1].float().log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def hf_runs(checkpoints, prompts) -> dict:
+    runs = {}
+    for name in ("float32", "w8a8"):
+        model = _hf_model(checkpoints["checkpoints"][name]["path"])
+        started = time.perf_counter()
+        greedy = [_hf_greedy(model, ids, MAX_TOKENS) for ids in prompts]
+        seconds = time.perf_counter() - started
+        runs[name] = {"greedy": greedy, "logprobs": [_hf_logprobs(model, ids) for ids in prompts],
+                      "tokens_per_second": len(prompts) * MAX_TOKENS / seconds}
+        del model
+    _record("transformers_tokens_per_second",
+            {k: round(v["tokens_per_second"], 2) for k, v in runs.items()})
+    return runs
+
+
+def _compare_logprobs(vllm_prompt_logprobs, hf_logprobs, prompts) -> dict:
+    """
+    Over every prompt position: the mean negative log-likelihood of the prompt's own
+    next token in vLLM and in transformers, the mean and largest absolute difference of
+    that logprob, and how often the two top-1 tokens agree.
+    """
+    ours, theirs, agree = [], [], 0
+    for positions, reference, ids in zip(vllm_prompt_logprobs, hf_logprobs, prompts):
+        assert len(positions) == len(ids) - 1 == reference.shape[0]
+        for i, entry in enumerate(positions):
+            target = ids[i + 1]
+            ours.append(entry[str(target)][0])
+            theirs.append(float(reference[i, target]))
+            top = [int(t) for t, (_, rank) in entry.items() if rank == 1]
+            agree += int(top[0] == int(reference[i].argmax()))
+    ours, theirs = torch.tensor(ours), torch.tensor(theirs)
+    diffs = (ours - theirs).abs()
+    return {"positions": len(diffs), "top1": agree / len(diffs), "mean_abs": float(diffs.mean()),
+            "max_abs": float(diffs.max()), "nll_vllm": float(-ours.mean()),
+            "nll_transformers": float(-theirs.mean())}
+
+
+def _nll(hf_logprobs, prompts) -> float:
+    picked = [lp.gather(-1, torch.tensor(ids[1:])[:, None]) for lp, ids in zip(hf_logprobs, prompts)]
+    return float(-torch.cat(picked).mean())
+
+
+# --- the integration tests ---------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_served_checkpoints_are_dense_files_with_2of4_zeros(checkpoints):
+    """vLLM gets ordinary checkpoints: no sparsity declared, the 2:4 zeros in the weights."""
+    for name, entry in checkpoints["checkpoints"].items():
+        config = json.loads((Path(entry["path"]) / "config.json").read_text())
+        declared = config.get("quantization_config", {}).get("sparsity_config")
+        assert not declared, f"{name} declares sparsity {declared}; vLLM would refuse it"
+        assert entry["blocks_2of4"] == 1.0 and entry["sparsity"] >= 0.5, entry
+        assert ("quantization_config" in config) == (name == "w8a8")
+
+
+@pytest.mark.vllm
+def test_float32_greedy_and_logprobs_match_transformers(vllm_runs, hf_runs, prompts):
+    ours, reference = vllm_runs["float32"], hf_runs["float32"]
+    assert ours["prompt_token_ids"] == prompts
+    matches = [a == b for a, b in zip(ours["token_ids"], reference["greedy"])]
+    _record("float32_greedy_match", f"{sum(matches)}/{len(matches)} prompts, {MAX_TOKENS} tokens each")
+    for ids, got, want in zip(prompts, ours["token_ids"], reference["greedy"]):
+        assert got == want, f"prompt {ids[:8]}...: vLLM {got} != transformers {want}"
+    stats = _compare_logprobs(ours["prompt_logprobs"], reference["logprobs"], prompts)
+    _record("float32_prompt_logprobs", stats)
+    assert stats["max_abs"] <= F32_LOGPROB_ATOL, stats
+    assert stats["top1"] == 1.0, stats
+
+
+@pytest.mark.vllm
+def test_w8a8_loads_generates_and_stays_close_to_transformers(vllm_runs, hf_runs, prompts):
+    ours, reference = vllm_runs["w8a8"], hf_runs["w8a8"]
+    assert ours["prompt_token_ids"] == prompts
+    assert [len(t) for t in ours["token_ids"]] == [MAX_TOKENS] * len(prompts)
+    stats = _compare_logprobs(ours["prompt_logprobs"], reference["logprobs"], prompts)
+    prefix = [next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+              for got, want in zip(ours["token_ids"], reference["greedy"])]
+    nll_float32 = _nll(hf_runs["float32"]["logprobs"], prompts)
+    _record("w8a8_vs_transformers_w8a8", stats | {"greedy_common_prefix": prefix,
+                                                   "nll_transformers_float32": nll_float32})
+    # the model as a whole: the same likelihood of the prompts (perplexity within ~16%)
+    assert abs(stats["nll_vllm"] - stats["nll_transformers"]) <= W8A8_NLL_ATOL, stats
+    # token by token: mostly the same top-1 token (see the module's note on the noise floor)
+    assert stats["top1"] >= W8A8_TOP1, stats
+    # and int8 has not broken the pruned model: close to its float32 likelihood
+    assert abs(stats["nll_vllm"] - nll_float32) <= W8A8_VS_FLOAT32_NLL_ATOL, (stats, nll_float32)
+
+
+@pytest.mark.vllm
+def test_openai_server_greedy_completion(vllm_python, checkpoints, hf_runs, prompts, tmp_path):
+    """examples/serve_vllm.py --mode server: loopback server, /v1/completions, stopped after."""
+    from dsnot_modifier.pipeline import load_tokenizer
+
+    path = checkpoints["checkpoints"]["float32"]["path"]
+    out = tmp_path / "server.json"
+    started = time.perf_counter()
+    run = subprocess.run(
+        [vllm_python, str(EXAMPLES / "serve_vllm.py"), path, "--mode", "server", "--enforce-eager",
+         "--max-tokens", str(MAX_TOKENS), "--prompt", TEXT_PROMPTS[0], "--json", str(out)],
+        capture_output=True, text=True, timeout=3600,
+    )
+    assert run.returncode == 0, f"the server example failed:\n{_tail(run.stdout + run.stderr, 60)}"
+    reply = json.loads(out.read_text())["server"][Path(path).name]
+    _record("server", {k: reply[k] for k in ("startup_seconds", "request_seconds", "completion_tokens",
+                                             "tokens_per_second")} | {"seconds": time.perf_counter() - started})
+    assert reply["status"] == 200 and reply["completion_tokens"] == MAX_TOKENS
+    want = load_tokenizer(path).decode(hf_runs["float32"]["greedy"][0])
+    assert reply["text"] == want
+
+
+# --- error messages (default suite, no vLLM needed) ---------------------------------------
+
+
+def test_serve_example_names_the_install_command_without_vllm():
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed in this environment")
+    run = subprocess.run([sys.executable, str(EXAMPLES / "serve_vllm.py"), str(ROOT)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "vLLM is not installed" in run.stderr and "scripts/setup-vllm" in run.stderr
+
+
+def test_serve_example_rejects_an_old_vllm(monkeypatch):
+    serve = _load_example("serve_vllm")
+    real = importlib.metadata.version
+    monkeypatch.setattr(serve.importlib.metadata, "version",
+                        lambda dist: "0.8.5" if dist == "vllm" else real(dist))
+    with pytest.raises(SystemExit, match=r"vLLM 0\.8\.5 is older than 0\.32.*scripts/setup-vllm"):
+        serve.vllm_version()
+
+
+def test_serve_example_rejects_a_directory_without_checkpoints(tmp_path):
+    serve = _load_example("serve_vllm")
+    with pytest.raises(SystemExit, match="neither serving.json nor config.json"):
+        serve.find_checkpoints(str(tmp_path))
+    (tmp_path / "serving.json").write_text(json.dumps({"checkpoints": {"w8a8": {}}}))
+    with pytest.raises(SystemExit, match="no variant bfloat16 .* it has w8a8"):
+        serve.find_checkpoints(str(tmp_path), ["bfloat16"])
+
+
+def test_make_checkpoints_never_writes_into_the_input_model(tiny_model_dir, tmp_path):
+    make = _load_example("make_serving_checkpoints")
+    before = sorted(p.name for p in Path(tiny_model_dir).iterdir())
+    with pytest.raises(SystemExit, match="overlaps the input model"):
+        make.make_checkpoints(Path(tiny_model_dir) / "served", model=tiny_model_dir)
+    foreign = tmp_path / "wanda-dsnot-2of4-bfloat16"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("not a checkpoint of make_serving_checkpoints.py")
+    with pytest.raises(SystemExit, match="exists and was not made by this script"):
+        make.make_checkpoints(tmp_path, model=tiny_model_dir)
+    assert (foreign / "mine.txt").is_file()
+    assert sorted(p.name for p in Path(tiny_model_dir).iterdir()) == before
+    with pytest.raises(SystemExit, match="unknown dtype 'float16'"):
+        make.make_checkpoints(tmp_path / "x", model=tiny_model_dir, dtypes=("float16",))
