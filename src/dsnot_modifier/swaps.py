@@ -10,8 +10,11 @@ Two objectives share the machinery (see the package README and DSNOT.md):
   ``sign(r_i)·W_ic·mean_c / var_c^p``, prune the kept weight of least Wanda score
   ``|Wc_ic|·sqrt(sqnorm_c)`` among those whose removal also moves ``r_i`` toward
   zero (for N:M: the least Wanda score in the grown weight's block). Candidate
-  lists are sorted once per layer and walked with a pointer per end, so each
+  lists are made once per layer and walked with a pointer per end, so each
   weight changes state at most once. A swap is made only if it shrinks ``|r_i|``.
+  A row makes at most ``max_cycles`` swaps, so only that many entries of each
+  list are made (top-k's, not sorts; exactly the entries a stable sort would put
+  there, ties included).
 - ``gram``: the exact squared error ``L_i = e_iᵀ H e_i`` with ``e_i = W_i − Wc_i``
   and the inputs' Gram matrix ``H = E[x xᵀ]``. Greedy: the grow that lowers
   ``L_i`` most, then the best prune given it (cross term included; for N:M in the
@@ -21,15 +24,20 @@ Two objectives share the machinery (see the package README and DSNOT.md):
 
 A row stops for good at its first refused swap, when its candidates run out,
 or at the cycle limit. All rows advance together (no Python loop over rows);
-rows are processed in chunks so that memory stays bounded; the math is float32
+rows are processed in chunks so that memory stays bounded (``mean`` makes its
+lists chunk by chunk, then cycles on all rows at once); the math is float32
 (float64 for float64 weights) whatever the weight dtype, and the result has the
 weight's dtype. Kept values are never changed and a regrown weight gets its
 dense value, so the result holds only values of the two inputs, exactly.
-The loop syncs with the host once per cycle (to stop when no row is active).
+The loop syncs with the host once per cycle (to stop when no row is active),
+and making the ``mean`` lists once per chunk (to settle ties, see
+:func:`_fix_ties`). On CPU the number of threads is capped for small layers and
+for the ``gram`` cycles (see ``ELEMENTS_PER_THREAD``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -50,8 +58,31 @@ OBJECTIVES = ("gram", "mean")
 #: r here is a per-token mean, so the same point is 0.1 / 2048.
 DEFAULT_THRESHOLD = 0.1 / 2048
 
-#: target number of weights in one chunk of rows
+#: target number of weights in one chunk of rows (``mean``: its cycles work on
+#: ``[rows, max_cycles]`` lists, the chunk bounds the memory of making them)
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+#: the same for ``gram``, whose every cycle makes several passes over the chunk: small
+#: enough that the chunk's state stays in the CPU's caches across cycles, but at
+#: least ``GRAM_CHUNK_MIN_ROWS`` rows so that the chunk's ``E H`` is an efficient
+#: matrix product
+GRAM_CHUNK_ELEMENTS = 1 << 20
+GRAM_CHUNK_MIN_ROWS = 256
+
+#: on CPU, at most one intra-op thread per this many weights: of the layer for the
+#: whole refinement, of the chunk for its cycles. A refinement is hundreds of
+#: operations of a millisecond or so; threads barely speed those up, and slow them
+#: down badly when the cores are shared (each parallel region waits for a core)
+ELEMENTS_PER_THREAD = 1 << 22
+
+#: parts the columns are split into by the two-stage top-k (:func:`_topk_rows`)
+_TOPK_PARTS = 8
+
+#: column block sizes tried by the row minimum (:func:`_argmin_rows`)
+_ARGMIN_BLOCKS = (64, 32, 128, 256, 16)
+
+#: the cycles drop the rows that stopped once the active ones are at most this share
+_COMPACT_AT = 0.5
 
 _INF = float("inf")
 
@@ -87,6 +118,36 @@ def gram_error(dense: torch.Tensor, current: torch.Tensor, gram: torch.Tensor) -
     return ((e @ gram.double()) * e).sum(1)
 
 
+@contextlib.contextmanager
+def _at_most_threads(n: int | None):
+    """Run with at most ``n`` intra-op threads (None: as set)."""
+    before = torch.get_num_threads()
+    if n is None or n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with ``n`` intra-op threads (None: as set). The matrix products run with the
+    caller's threads: BLAS's rounding depends on the thread count, and the results
+    must not depend on the caps of :func:`_at_most_threads`."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
@@ -101,6 +162,109 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.unsqueeze(1)).squeeze(1)
 
 
+def _argmin_rows(x: torch.Tensor) -> torch.Tensor:
+    """
+    ``x.argmin(1)`` for a contiguous ``[rows, cols]`` tensor (the first minimum of
+    every row), in two steps that vectorise on CPU where argmin does not: the
+    minimum of every block of columns, then the first block that holds the row's
+    minimum, then the first minimum inside that block. Same result, NaN included.
+    """
+    rows, cols = x.shape
+    for size in _ARGMIN_BLOCKS:
+        if cols % size == 0 and cols >= 2 * size:
+            break
+    else:
+        return x.argmin(1)
+    blocks = x.view(rows, cols // size, size)
+    block = blocks.amin(2).argmin(1)
+    inner = blocks.gather(1, block.view(rows, 1, 1).expand(rows, 1, size)).squeeze(1)
+    return block * size + inner.argmin(1)
+
+
+def _sorted_rows(key: torch.Tensor, largest: bool, low_first):
+    """
+    Every row of ``key`` sorted (descending if ``largest``), ties by index (lower first
+    if ``low_first``, a bool or one bool per row): values and indices ``[rows, cols]``.
+    """
+    if isinstance(low_first, torch.Tensor):
+        values = torch.empty_like(key)
+        order = torch.empty(key.shape, dtype=torch.long, device=key.device)
+        for flag in (True, False):
+            rows = (low_first == flag).nonzero().squeeze(1)
+            if rows.numel():
+                values[rows], order[rows] = _sorted_rows(key[rows], largest, flag)
+        return values, order
+    if low_first:
+        return torch.sort(key, dim=1, descending=largest, stable=True)
+    values, order = torch.sort(key.flip(1), dim=1, descending=largest, stable=True)
+    return values, (key.shape[1] - 1) - order
+
+
+def _topk_rows(key: torch.Tensor, k: int, largest: bool):
+    """
+    ``torch.topk(key, k, dim=1, largest=largest)``: the k best entries of every row
+    (values sorted, ties in any order). Wide rows go in two stages, cheaper on CPU:
+    cut each row into ``_TOPK_PARTS`` runs of W consecutive columns; group j holds
+    the j-th column of every run, and its best entry is an elementwise max over the
+    runs. Take the k best groups, then the k best of their entries. That finds the
+    same values: an entry outside those groups is no better than k entries inside
+    them (their groups' best), so it can at most tie with the k-th value.
+    """
+    rows, cols = key.shape
+    parts = _TOPK_PARTS
+    if cols % parts or cols // parts < 4 * k or not key.is_contiguous():
+        return torch.topk(key, k, dim=1, largest=largest)
+    width = cols // parts
+    split = key.view(rows, parts, width)
+    best = split.amax(1) if largest else split.amin(1)  # [rows, width]
+    chosen = torch.topk(best, k, dim=1, largest=largest, sorted=False).indices
+    columns = (chosen.unsqueeze(2) + width * torch.arange(parts, device=key.device)).view(rows, -1)
+    values, order = torch.topk(key.gather(1, columns), k, dim=1, largest=largest)
+    return values, columns.gather(1, order)
+
+
+def _first_k(key: torch.Tensor, k: int, largest: bool, low_first):
+    """
+    The first ``k`` entries of :func:`_sorted_rows` (all of them if ``k`` reaches the
+    width), from a top-k instead of a full sort: values, indices ``[rows, min(k, cols)]``
+    and the rows where the top-k cannot decide them (a tie across the k-th place:
+    those rows must be sorted in full, see :func:`_fix_ties`).
+    """
+    rows, cols = key.shape
+    if k >= cols:
+        values, order = _sorted_rows(key, largest, low_first)
+        return values, order, torch.zeros(rows, dtype=torch.bool, device=key.device)
+    values, order = _topk_rows(key, k + 1, largest)
+    # ties in any order from topk: order them by index, then (stably) by value
+    if isinstance(low_first, torch.Tensor):
+        perm = torch.sort(torch.where(low_first.unsqueeze(1), order, -order), dim=1).indices
+        order = order.gather(1, perm)
+    else:
+        order, perm = torch.sort(order, dim=1, descending=not low_first)
+    values, perm = torch.sort(values.gather(1, perm), dim=1, descending=largest, stable=True)
+    order = order.gather(1, perm)
+    tied = values[:, k - 1] == values[:, k]
+    return values[:, :k], order[:, :k], tied
+
+
+def _fix_ties(tied: torch.Tensor, lists):
+    """
+    Redo, with full stable sorts, the rows ``tied`` of candidate lists made by
+    :func:`_first_k`: ``lists`` holds ``(key, largest, low_first, values, indices)``.
+    One host sync for all the lists.
+    """
+    rows = tied.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    for key, largest, low_first, values, order in lists:
+        k = values.shape[1]
+        if isinstance(low_first, torch.Tensor):
+            low_first = low_first[rows]
+        v, o = _sorted_rows(key[rows], largest, low_first)
+        values[rows] = v[:, :k]
+        order[rows] = o[:, :k]
+
+
 class _Objective:
     """
     One chunk of rows under one objective: what a cycle proposes, what a swap does.
@@ -108,20 +272,18 @@ class _Objective:
     that stopped can be dropped (:meth:`select`) and the cycles get cheaper.
     """
 
-    row_fields = ("w", "wc")
-
-    def __init__(self, w: torch.Tensor, wc: torch.Tensor, nm: tuple[int, int] | None):
-        self.w, self.wc, self.nm = w, wc, nm
+    row_fields = ()
 
     def propose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:return: grow column, prune column and whether the swap is worth making"""
         raise NotImplementedError
 
     def apply(self, idx: torch.Tensor, g: torch.Tensor, p: torch.Tensor):
-        """Make the swaps of rows ``idx`` (grow ``g``, prune ``p``) in ``self.wc``."""
-        w, wc = self.w, self.wc
-        wc[idx, g] = w[idx, g]
-        wc[idx, p] = 0
+        """Make the swaps of rows ``idx`` (grow ``g``, prune ``p``)."""
+        raise NotImplementedError
+
+    def write(self, out: torch.Tensor, live: torch.Tensor, rows: torch.Tensor | None):
+        """Write the current rows ``rows`` (all if None) to ``out[live[rows]]``."""
 
     def row_error(self) -> torch.Tensor:
         """The objective's error of every row (``mean``: |r_i|; ``gram``: L_i)."""
@@ -138,88 +300,222 @@ class _Objective:
 
 
 class _MeanObjective(_Objective):
-    row_fields = ("w", "wc", "r", "grow_order", "n_grow", "prune_order", "n_prune", "score", "ptr")
+    """
+    Each row makes at most ``max_cycles`` swaps, so only the first ``max_cycles``
+    entries of each end of its candidate lists can ever be reached: those are taken
+    with top-k's (no full sort), and the cycles work on them alone: per row, the two
+    ends of the grow list side by side (``[rows, 2k]``), the same for the two prune
+    lists, or for N:M the Wanda scores of the blocks of the grow candidates
+    (``[rows, 2k·M]``). With the sign check, ``r`` keeps its sign, so each row only
+    ever walks the end of its sign: one list per row (``[rows, k]``), half the work.
+    Swaps are written straight into the result (``target``), so the weights are only
+    read. The lists are made chunk by chunk (which bounds the memory), then the
+    cycles run on all the rows at once (:meth:`merged`): a cycle is a few dozen
+    operations on ``[rows]`` vectors, whatever the number of rows.
+    """
 
-    def __init__(self, w, wc, nm, *, mean, var_p, score_col, threshold, sign_check):
-        super().__init__(w, wc, nm)
+    row_fields = ("rows", "r", "grow", "prune", "ptr")
+
+    def __init__(self, w, wc, nm, *, target, first_row, max_cycles, mean, q, q_finite,
+                 score_col, threshold, sign_check, product_threads=None):
         rows, cols = w.shape
+        self.nm, self.target = nm, target
         self.mean, self.threshold, self.sign_check = mean, threshold, sign_check
-        self.cols = cols
+        device = w.device
+        # the rows of `target` (the result) still refined
+        self.rows = torch.arange(first_row, first_row + rows, device=device)
         pruned = wc == 0
-        self.r = (w - wc) @ mean
+        with _threads(product_threads):
+            self.r = (w - wc) @ mean
+        k = max(1, min(max_cycles, cols))
         # grow list: pruned weights by W·mean/var^p, largest first; the positive ones
         # (for r > 0) are walked from the front, the negative ones (r < 0) from the back
-        grow_key = (w * (mean / var_p)).masked_fill_(~pruned, 0)
-        self.grow_order = torch.sort(grow_key, dim=1, descending=True, stable=True).indices
-        self.n_grow = ((grow_key > 0).sum(1), (grow_key < 0).sum(1))
-        del grow_key
-        score = wc.abs().mul_(score_col)
-        self.prune_order = self.n_prune = self.score = None
-        if nm is None:
-            # prune list, ascending: [r>0 group: Wc·mean<0 by descending score]
-            # [r<0 group: Wc·mean>0 by ascending score] [others]
-            v = wc * mean
-            prune_key = torch.where(v < 0, -score, score).masked_fill_(v == 0, _INF)
-            self.prune_order = torch.sort(prune_key, dim=1, stable=True).indices
-            self.n_prune = ((v < 0).sum(1), (v > 0).sum(1))
+        # (ties: the front in index order, the back in reverse index order). Kept
+        # weights get 0 (a product by the mask is faster than a masked fill)
+        if q_finite:
+            grow_key = torch.mul(w, pruned).mul_(q)
         else:
-            self.score = score.masked_fill_(pruned, _INF)
-        zeros = torch.zeros(rows, dtype=torch.long, device=w.device)
-        self.ptr = [zeros.clone() for _ in range(4)]  # grow+, grow-, prune (r>0), prune (r<0)
-        self.pos = None
-        self.r_new = None
+            grow_key = (w * q).masked_fill_(~pruned, 0)
+        del pruned
+        self.single = sign_check
+        if sign_check:
+            # one end per row: the back of a row is the front of its negated keys
+            pos = self.r > 0
+            grow_key.mul_(torch.where(pos, 1.0, -1.0).to(grow_key.dtype).unsqueeze(1))
+            grow_v, grow_i, tied = _first_k(grow_key, k, largest=True, low_first=pos)
+            tied &= grow_v[:, -1] > 0  # a tie matters only inside the walked part
+            lists = [(grow_key, True, pos, grow_v, grow_i)]
+            grow_ok = grow_v > 0
+        else:
+            front_v, front_i, tied = _first_k(grow_key, k, largest=True, low_first=True)
+            back_v, back_i, tied_back = _first_k(grow_key, k, largest=False, low_first=False)
+            tied = (tied & (front_v[:, -1] > 0)) | (tied_back & (back_v[:, -1] < 0))
+            lists = [(grow_key, True, True, front_v, front_i),
+                     (grow_key, False, False, back_v, back_i)]
+        if nm is None:
+            # prune lists: kept weights whose removal moves r toward zero, least Wanda
+            # score first: Wc·mean < 0 for r > 0 (ties: reverse index order), Wc·mean > 0
+            # for r < 0 (ties: index order)
+            score = wc.abs().mul_(score_col)
+            v = wc * mean
+            if sign_check:
+                v.mul_(torch.where(pos, 1.0, -1.0).to(v.dtype).unsqueeze(1))
+                key = torch.where(v < 0, score, _INF)
+                del v, score
+                prune_v, prune_i, tied_prune = _first_k(key, k, largest=False, low_first=~pos)
+                tied |= tied_prune & (prune_v[:, -1] < _INF)
+                lists.append((key, False, ~pos, prune_v, prune_i))
+            else:
+                key_neg = torch.where(v < 0, score, _INF)
+                key_pos = torch.where(v > 0, score, _INF)
+                del v, score
+                neg_v, neg_i, tied_neg = _first_k(key_neg, k, largest=False, low_first=False)
+                pos_v, pos_i, tied_pos = _first_k(key_pos, k, largest=False, low_first=True)
+                tied |= (tied_neg & (neg_v[:, -1] < _INF)) | (tied_pos & (pos_v[:, -1] < _INF))
+                lists += [(key_neg, False, False, neg_v, neg_i),
+                          (key_pos, False, True, pos_v, pos_i)]
+            _fix_ties(tied, lists)
+            del lists
+            if sign_check:
+                prune_ok = prune_v < _INF
+            else:
+                prune_ok = torch.cat([neg_v, pos_v], 1) < _INF
+                prune_i = torch.cat([neg_i, pos_i], 1)
+            self.prune = (prune_ok, prune_i, wc.gather(1, prune_i))
+        else:
+            _fix_ties(tied, lists)
+            del lists
+        del grow_key
+        if not sign_check:
+            self.k = front_i.shape[1]
+            grow_ok = torch.cat([front_v > 0, back_v < 0], 1)
+            grow_i = torch.cat([front_i, back_i], 1)
+        else:
+            self.k = grow_i.shape[1]
+        self.grow = (grow_ok, grow_i, w.gather(1, grow_i))
+        if nm is not None:
+            # the Wanda scores of the blocks of the grow candidates, +inf where pruned
+            m = nm[1]
+            block = grow_i // m  # [rows, 2k] (or [rows, k])
+            columns = (block.unsqueeze(2) * m + torch.arange(m, device=device)).view(rows, -1)
+            wc_b = wc.gather(1, columns)
+            score = wc_b.abs().mul_(score_col[columns]).masked_fill_(wc_b == 0, _INF)
+            self.prune = (block, score, wc_b)
+        zeros = torch.zeros(rows, dtype=torch.long, device=device)
+        # swaps made (one list per row), or: grow+, grow-, prune (r>0), prune (r<0)
+        self.ptr = (zeros,) if sign_check else tuple(zeros.clone() for _ in range(4))
+        self.pos = self.r_new = self.w_g = None
+
+    @classmethod
+    def merged(cls, parts: list["_MeanObjective"]) -> "_MeanObjective":
+        """The rows of several chunks in one state (its cycles then run on all at once)."""
+        if len(parts) == 1:
+            return parts[0]
+        state = cls.__new__(cls)
+        state.__dict__.update(parts[0].__dict__)
+        for name in cls.row_fields:
+            values = [getattr(part, name) for part in parts]
+            if isinstance(values[0], tuple):
+                setattr(state, name, tuple(torch.cat(v) for v in zip(*values)))
+            else:
+                setattr(state, name, torch.cat(values))
+        return state
+
+    def _slot(self, pos, ptr_pos, ptr_neg):
+        """Each row's place in its two lists side by side, and whether it is inside."""
+        k = self.k
+        ptr = torch.where(pos, ptr_pos, ptr_neg)
+        return torch.where(pos, ptr_pos, ptr_neg + k).clamp_(max=2 * k - 1), ptr < k
 
     def propose(self):
-        w, wc, mean, r = self.w, self.wc, self.mean, self.r
-        last = self.cols - 1
-        gp, gn, qn, qp = self.ptr
+        mean, r = self.mean, self.r
         pos = r > 0
-        g_ok = torch.where(pos, gp < self.n_grow[0], gn < self.n_grow[1])
-        g = _take(self.grow_order, torch.where(pos, gp, last - gn).clamp_(0, last))
-        if self.nm is None:
-            n_neg, n_pos = self.n_prune
-            p_ok = torch.where(pos, qn < n_neg, qp < n_pos)
-            p = _take(self.prune_order, torch.where(pos, n_neg - 1 - qn, n_neg + qp).clamp_(0, last))
+        if self.single:
+            (made,) = self.ptr
+            slot, inside = made.clamp(max=self.k - 1), made < self.k
+            at, p_inside = slot, inside
         else:
-            block = _block_columns(g, self.nm[1])
-            s = self.score.gather(1, block)
+            gp, gn, qn, qp = self.ptr
+            slot, inside = self._slot(pos, gp, gn)
+            if self.nm is None:
+                at, p_inside = self._slot(pos, qn, qp)
+        valid, cols, values = self.grow
+        g_ok = _take(valid, slot) & inside
+        g = _take(cols, slot)
+        w_g = _take(values, slot)
+        if self.nm is None:
+            valid, cols, values = self.prune
+            p_ok = _take(valid, at) & p_inside
+            p = _take(cols, at)
+            wc_p = _take(values, at)
+        else:
+            m = self.nm[1]
+            block, score, wc_b = self.prune
+            at = slot.unsqueeze(1) * m + torch.arange(m, device=slot.device)
+            s = score.gather(1, at)
             best = s.argmin(1)
-            p = _take(block, best)
+            p = _take(block, slot) * m + best
             p_ok = torch.isfinite(_take(s, best))
-        r_new = r - _take(w, g) * mean[g] + _take(wc, p) * mean[p]
+            wc_p = _take(wc_b, _take(at, best))
+        r_new = r - w_g * mean[g] + wc_p * mean[p]
         ok = g_ok & p_ok & (r.abs() > self.threshold) & (r_new.abs() < r.abs())
         if self.sign_check:
             ok &= (r_new * r) >= 0
-        self.pos, self.r_new = pos, r_new
+        self.pos, self.r_new, self.w_g = pos, r_new, w_g
         return g, p, ok
 
     def apply(self, idx, g, p):
-        super().apply(idx, g, p)
+        rows = self.rows[idx]
+        self.target[rows, g] = self.w_g[idx].to(self.target.dtype)
+        self.target[rows, p] = 0
         self.r[idx] = self.r_new[idx]
-        pos = self.pos[idx].long()
-        gp, gn, qn, qp = self.ptr
-        gp[idx] += pos
-        gn[idx] += 1 - pos
-        qn[idx] += pos
-        qp[idx] += 1 - pos
+        if self.single:
+            self.ptr[0][idx] += 1
+        else:
+            pos = self.pos[idx].long()
+            gp, gn, qn, qp = self.ptr
+            gp[idx] += pos
+            gn[idx] += 1 - pos
+            qn[idx] += pos
+            qp[idx] += 1 - pos
         if self.nm is not None:
-            self.score[idx, p] = _INF
+            # p is pruned now: +inf in every candidate block that holds it
+            m = self.nm[1]
+            block, score, _ = self.prune
+            width = score.shape[1]
+            same = block[idx] == (p // m).unsqueeze(1)
+            at = ((idx * width).unsqueeze(1) + torch.arange(0, width, m, device=p.device)
+                  + (p % m).unsqueeze(1))
+            flat = score.view(-1)
+            flat[at] = torch.where(same, _INF, flat[at])
 
     def row_error(self):
         return self.r.abs()
 
 
 class _GramObjective(_Objective):
-    row_fields = ("w", "wc", "e", "u", "loss", "grow_penalty", "prune_penalty")
+    """
+    Per cycle and row: ``d_grow`` and ``d_prune`` over the row (a few in-place passes
+    into scratch buffers), two row minima, and the update of ``u`` by two rows of H.
+    Same arithmetic as the plain formulas, in fewer passes: ``u`` is kept doubled
+    (``2 H e``, doubling is exact) and ``e ⊙ diag(H)`` kept up to date, and a +inf
+    penalty ``q`` is added with the product before it (``q + x·y`` in one pass, the
+    same sum as ``x·y`` then ``+ q``).
+    """
 
-    def __init__(self, w, wc, nm, *, gram, rtol):
-        super().__init__(w, wc, nm)
-        self.h = gram
-        self.h_diag = gram.diagonal()
+    row_fields = ("w", "wc", "e", "ehd", "u2", "loss", "grow_penalty", "prune_penalty")
+
+    def __init__(self, w, wc, nm, *, gram, h_diag, rtol, product_threads=None):
+        self.w, self.wc, self.nm = w.contiguous(), wc.contiguous(), nm
+        w, wc = self.w, self.wc
+        self.h, self.h_diag = gram, h_diag
         self.rtol = rtol
         self.e = w - wc
-        self.u = self.e @ gram
-        self.loss = (self.e * self.u).sum(1)
+        with _threads(product_threads):
+            u = self.e @ gram
+        self.loss = (self.e * u).sum(1)
+        self.u2 = u.mul_(2)
+        self.ehd = self.e * h_diag
         # each weight changes state at most once: a pruned weight may be grown, a kept
         # one pruned, never back (so kept values are always the pruner's). Excluded
         # candidates carry +inf, added to their score (an add is much faster on CPU
@@ -227,48 +523,76 @@ class _GramObjective(_Objective):
         zero = torch.zeros((), dtype=w.dtype, device=w.device)
         self.grow_penalty = torch.where((wc != 0) | (w == 0), _INF, zero)
         self.prune_penalty = torch.where(wc == 0, _INF, zero)
-        self.total = None
-        self.h_g = None
+        self._scratch = torch.empty_like(w)  # d_grow, d_prune, then the update of u
+        self._rows_h = torch.empty_like(w)  # rows g of H
+        self.total = self.h_g = None
 
     def propose(self):
-        wc, e, u, h_diag = self.wc, self.e, self.u, self.h_diag
+        wc, e, h_diag = self.wc, self.e, self.h_diag
+        rows = e.shape[0]
         # growing g (e_g -> 0): dL = e_g (e_g H_gg - 2 u_g)
-        d_grow = (e * h_diag).sub_(u, alpha=2).mul_(e).add_(self.grow_penalty)
-        g = d_grow.argmin(1)
+        d = torch.sub(self.ehd, self.u2, out=self._scratch[:rows])
+        d_grow = torch.addcmul(self.grow_penalty, d, e, out=d)
+        g = _argmin_rows(d_grow)
         d_g = _take(d_grow, g)
-        del d_grow
-        delta_g = -_take(e, g)
-        h_g = self.h.index_select(0, g)  # H is symmetric: row g is column g
+        delta_g2 = _take(e, g).mul_(-2)  # 2·delta_g, exact
         # pruning p (e_p -> e_p + Wc_p) after growing g:
         # dL = Wc_p (2 (u_p + delta_g H_gp) + Wc_p H_pp)
         if self.nm is None:
-            cols, wc_p, u_p, hg_p, hd_p, penalty = None, wc, u, h_g, h_diag, self.prune_penalty
+            h_g = torch.index_select(self.h, 0, g, out=self._rows_h[:rows])  # H symmetric
+            d = torch.addcmul(self.u2, h_g, delta_g2.unsqueeze(1), out=d).addcmul_(wc, h_diag)
+            d_prune = torch.addcmul(self.prune_penalty, d, wc, out=d)
+            p = _argmin_rows(d_prune)
+            total = d_g + _take(d_prune, p)
         else:
+            h_g = None  # rows of H gathered in apply, for the rows that swap
             cols = _block_columns(g, self.nm[1])
-            wc_p, u_p, hg_p = wc.gather(1, cols), u.gather(1, cols), h_g.gather(1, cols)
-            hd_p, penalty = h_diag[cols], self.prune_penalty.gather(1, cols)
-        d_prune = torch.addcmul(u_p, hg_p, delta_g.unsqueeze(1)).mul_(2).addcmul_(wc_p, hd_p)
-        d_prune.mul_(wc_p).add_(penalty)
-        best = d_prune.argmin(1)
-        p = best if cols is None else _take(cols, best)
-        total = d_g + _take(d_prune, best)
+            wc_p = wc.gather(1, cols)
+            d = torch.addcmul(self.u2.gather(1, cols), self.h[g.unsqueeze(1), cols],
+                              delta_g2.unsqueeze(1)).addcmul_(wc_p, h_diag[cols])
+            d_prune = torch.addcmul(self.prune_penalty.gather(1, cols), d, wc_p)
+            best = d_prune.argmin(1)
+            p = _take(cols, best)
+            total = d_g + _take(d_prune, best)
         ok = total < -self.rtol * self.loss.clamp_min(0)
         self.total, self.h_g = total, h_g
         return g, p, ok
 
     def apply(self, idx, g, p):
-        w, wc, e = self.w, self.wc, self.e
-        delta_g = -e[idx, g]
-        delta_p = wc[idx, p]
-        update = self.h.index_select(0, p).mul_(delta_p.unsqueeze(1))
-        update.addcmul_(self.h_g[idx], delta_g.unsqueeze(1))
-        self.u.index_add_(0, idx, update)
-        e[idx, g] = 0
-        e[idx, p] = w[idx, p]
+        n = idx.numel()
+        every = n == self.e.shape[0]
+        flat = idx * self.e.shape[1]
+        at_g, at_p = flat + g, flat + p  # flat positions: 1-D indexing is much faster
+        w, wc, e, ehd = (t.view(-1) for t in (self.w, self.wc, self.e, self.ehd))
+        delta_g2 = e[at_g].mul_(-2)
+        delta_p2 = wc[at_p].mul_(2)
+        if self.h_g is None:
+            h_g = torch.index_select(self.h, 0, g, out=self._rows_h[:n])
+        else:
+            h_g = self.h_g if every else self.h_g[idx]
+        update = torch.index_select(self.h, 0, p, out=self._scratch[:n])
+        update.mul_(delta_p2.unsqueeze(1)).addcmul_(h_g, delta_g2.unsqueeze(1))
+        if every:
+            self.u2.add_(update)
+        else:
+            self.u2.index_add_(0, idx, update)
+        w_g, w_p = w[at_g], w[at_p]
+        zero = torch.zeros_like(w_g)
+        e[at_g] = zero
+        e[at_p] = w_p
+        ehd[at_g] = zero * self.h_diag[g]
+        ehd[at_p] = w_p * self.h_diag[p]
         self.loss[idx] += self.total[idx]
-        self.grow_penalty[idx, g] = _INF
-        self.prune_penalty[idx, p] = _INF
-        super().apply(idx, g, p)
+        self.grow_penalty.view(-1)[at_g] = _INF
+        self.prune_penalty.view(-1)[at_p] = _INF
+        wc[at_g] = w_g
+        wc[at_p] = zero
+
+    def write(self, out, live, rows):
+        if rows is None:
+            out[live] = self.wc.to(out.dtype)
+        else:
+            out[live[rows]] = self.wc[rows].to(out.dtype)
 
     def row_error(self):
         # tracked incrementally; tests recompute it exactly with gram_error
@@ -334,14 +658,13 @@ def refine_mask(
         None means the paper's choice: off for unstructured, on for N:M
     :param rtol: ``gram`` only: a swap must lower ``L_i`` by more than
         ``rtol · L_i``, so that float rounding never passes for a gain
-    :param chunk_rows: rows per chunk (default: about 4M weights per chunk)
+    :param chunk_rows: rows per chunk (default: ``mean``, about 4M weights a chunk;
+        ``gram``, about 1M weights and at least 256 rows a chunk)
     """
     _check_inputs(dense, current, objective, mean, var, sqnorm, gram, nm, max_cycles)
     rows, cols = dense.shape
     dtype = _compute_dtype(current)
     device = current.device
-    if chunk_rows is None:
-        chunk_rows = max(1, DEFAULT_CHUNK_ELEMENTS // max(cols, 1))
     if objective == "mean":
         mean = mean.to(device, dtype)
         var = var.to(device, dtype)
@@ -350,47 +673,88 @@ def refine_mask(
             var_p = var.clamp_min(floor).pow(var_power)
         else:
             var_p = torch.ones_like(var)
+        q = mean / var_p
         score_col = sqnorm.to(device, dtype).clamp_min(0).sqrt()
         check = (nm is not None) if sign_check is None else bool(sign_check)
-        options = dict(mean=mean, var_p=var_p, score_col=score_col, threshold=threshold, sign_check=check)
-        make = _MeanObjective
+        options = dict(mean=mean, q=q, q_finite=bool(torch.isfinite(q).all()),
+                       score_col=score_col, threshold=threshold, sign_check=check,
+                       max_cycles=max_cycles)
+        chunk_elements = DEFAULT_CHUNK_ELEMENTS
     else:
-        options = dict(gram=gram.to(device, dtype), rtol=rtol)
-        make = _GramObjective
+        gram = gram.to(device, dtype)
+        options = dict(gram=gram, h_diag=gram.diagonal().contiguous(), rtol=rtol)
+        chunk_elements = GRAM_CHUNK_ELEMENTS
+    if chunk_rows is None:
+        chunk_rows = max(1, chunk_elements // max(cols, 1))
+        if objective == "gram":
+            chunk_rows = max(chunk_rows, GRAM_CHUNK_MIN_ROWS)
+    layer_threads = cycle_threads = None
+    if device.type == "cpu":
+        options["product_threads"] = torch.get_num_threads()
+        layer_threads = max(1, rows * cols // ELEMENTS_PER_THREAD)
+        # mean: the cycles work on [rows, 2·max_cycles] lists, a few % of the weight
+        cycle_threads = 1 if objective == "mean" else max(
+            1, min(chunk_rows, rows) * cols // ELEMENTS_PER_THREAD)
+    with _at_most_threads(layer_threads):
+        return _refine(dense, current, objective, nm, options, chunk_rows, max_cycles,
+                       cycle_threads)
+
+
+def _states(dense, current, out, objective, nm, options, chunk_rows):
+    """The objective's states to cycle on, with their first and last rows + 1."""
+    rows = dense.shape[0]
+    dtype = _compute_dtype(current)
+    chunks = [(start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
+    if objective == "mean":
+        # reads the chunks (views if the weight is float32), writes swaps into `out`
+        parts = [
+            _MeanObjective(dense[start:stop].to(dtype), current[start:stop].to(dtype), nm,
+                           target=out, first_row=start, **options)
+            for start, stop in chunks
+        ]
+        yield _MeanObjective.merged(parts), 0, rows
+        return
+    for start, stop in chunks:
+        state = _GramObjective(dense[start:stop].to(dtype),
+                               current[start:stop].to(dtype, copy=True), nm, **options)
+        yield state, start, stop
+
+
+def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, cycle_threads):
+    rows = dense.shape[0]
+    device = current.device
 
     out = current.clone()
     swaps = torch.zeros(rows, dtype=torch.long, device=device)
     before = torch.zeros((), dtype=torch.float64, device=device)
     after = torch.zeros((), dtype=torch.float64, device=device)
     cycles_run = 0
-    for start in range(0, rows, chunk_rows):
-        stop = min(start + chunk_rows, rows)
-        w = dense[start:stop].to(dtype)
-        wc = current[start:stop].to(dtype, copy=True)
-        state = make(w, wc, nm, **options)
+    for state, start, stop in _states(dense, current, out, objective, nm, options, chunk_rows):
         before += state.row_error().double().sum()
         live = torch.arange(start, stop, device=device)  # the rows still in `state`
         active = torch.ones(stop - start, dtype=torch.bool, device=device)
-        for cycle in range(max_cycles):
-            g, p, ok = state.propose()
-            ok &= active
-            idx = ok.nonzero().squeeze(1)  # the cycle's one host sync
-            if idx.numel() == 0:
-                break
-            state.apply(idx, g[idx], p[idx])
-            swaps.index_add_(0, live[idx], torch.ones_like(idx))
-            active = ok
-            cycles_run = max(cycles_run, cycle + 1)
-            if 2 * idx.numel() <= live.numel():
-                # drop the rows that stopped: write them out, keep the active ones
-                done = (~ok).nonzero().squeeze(1)
-                out[live[done]] = state.wc[done].to(out.dtype)
-                after += state.row_error()[done].double().sum()
-                state.select(idx)
-                live = live[idx]
-                active = torch.ones(idx.numel(), dtype=torch.bool, device=device)
-        out[live] = state.wc.to(out.dtype)
+        with _at_most_threads(cycle_threads):
+            for cycle in range(max_cycles):
+                g, p, ok = state.propose()
+                ok &= active
+                idx = ok.nonzero().squeeze(1)  # the cycle's one host sync
+                if idx.numel() == 0:
+                    break
+                state.apply(idx, g[idx], p[idx])
+                swaps.index_add_(0, live[idx], torch.ones_like(idx))
+                active = ok
+                cycles_run = max(cycles_run, cycle + 1)
+                if idx.numel() <= _COMPACT_AT * live.numel():
+                    # drop the rows that stopped: write them out, keep the active ones
+                    done = (~ok).nonzero().squeeze(1)
+                    state.write(out, live, done)
+                    after += state.row_error()[done].double().sum()
+                    state.select(idx)
+                    live = live[idx]
+                    active = torch.ones(idx.numel(), dtype=torch.bool, device=device)
+        state.write(out, live, None)
         after += state.row_error().double().sum()
+        del state
     return RefineResult(
         weight=out,
         swaps=int(swaps.sum()),

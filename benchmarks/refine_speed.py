@@ -1,0 +1,555 @@
+#!/usr/bin/env python
+"""
+How fast is DSnoT's mask refinement on single layers of real LLM shapes?
+
+For every layer shape (rows × cols of the weight), mask structure (60% unstructured,
+2:4), objective (``mean``, ``gram``) and thread count (1 and all, set with
+``torch.set_num_threads``), this times side by side, in one run:
+
+- ``refine_s``: our vectorised :func:`dsnot_modifier.swaps.refine_mask`, with the
+  modifier's defaults (50 cycles at most), starting from Wanda's mask (the output of
+  the timed Wanda step below) for both objectives;
+- ``baseline_s``: a plain per-row implementation of the same rule, written here
+  (:func:`baseline_refine`): a Python loop over rows, each row running the same
+  greedy cycles with torch ops on that one row (for ``gram`` each row first gets its
+  ``u = H e_i``, a matrix-vector product). It makes the same masks as
+  ``refine_mask``. On big layers only an evenly spaced subset of rows is timed and
+  the time is scaled linearly to all rows (the output says so).
+  ``baseline_cycles_s`` is the same without the rows' products ``H e_i``: a
+  stricter comparison, since ``refine_s`` includes its own product ``E H``;
+- ``wanda_s``: llm-compressor 0.14's own Wanda sparsify step
+  (``wanda_sparsify.sparsify_weight``) on the same layer, its input statistic
+  already accumulated;
+- ``sparsegpt_s``: llm-compressor 0.14's own SparseGPT sparsify step
+  (``sgpt_sparsify.sparsify_weight``, block 128, dampening 0.01: the modifier's
+  defaults), its Hessian (``2 E[x xᵀ]``, as it accumulates it) already accumulated.
+  Its cost grows as C³ (three C×C factorisations for the inverse Hessian) plus
+  rows·C². Layers wider than ``--sparsegpt-max-cols`` are timed on their first
+  ``--sparsegpt-max-cols`` columns and extrapolated: the inverse-Hessian part
+  (timed on its own) as C³, its flop count, the rest linearly in C, a lower bound
+  for it (marked ``≈`` in the table);
+- ``extra_mem_ratio``: the peak memory that ``refine_mask`` takes beyond its
+  inputs, as a multiple of the weight's size (the result, a new weight, counts; the
+  C×C Gram matrix and the other statistics are inputs and do not). Measured around
+  the timed call from the kernel's peak resident set size (Linux): free heap
+  memory is handed back first (``malloc_trim``), the peak is reset
+  (``/proc/self/clear_refs``), then peak (VmHWM) minus resident before (VmRSS).
+
+Inputs are synthetic but shaped like real ones: float32 weights with row and
+column scales, and inputs ``x = s ⊙ (z + F y) + μ`` with heavy-tailed (log-normal,
+plus 0.5% outlier features 20× larger) column scales ``s``, non-zero means ``μ``,
+and 16 latent factors ``y`` shared by all columns (so that the Gram matrix is far
+from diagonal). Their statistics are exact population moments, cheap even for
+28672 columns, and the Gram matrix has full rank as with real calibration sets of
+100k+ tokens: ``mean = μ``, ``var = s² (1 + ‖F_c‖²)``, ``sqnorm = var + μ²``,
+``E[x xᵀ] = diag(s²) + Gᵀ G`` with ``G = [F ⊙ s; μ]``.
+
+Finally the share of a whole oneshot run that DSnoT takes on the real model is
+read from the main job's JSON (``--oneshot-json``, rows with ``oneshot_s`` and
+``dsnot_s``).
+
+Timings are wall-clock, on whatever else the machine runs: on a shared machine
+they are noisy, and threads > 1 suffer most (each parallel region waits for a core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsnot_modifier.swaps import DEFAULT_THRESHOLD, refine_mask
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
+STRUCTURES = {"60%": None, "2:4": (2, 4)}
+OBJECTIVES = ("mean", "gram")
+SPARSITY = 0.6
+MAX_CYCLES = 50
+SGPT_BLOCK = 128
+SGPT_DAMP = 0.01
+DEFAULT_ONESHOT_JSON = Path(__file__).resolve().parent.parent / "runs" / "main.json"
+REQUIRED_KEYS = ("shape", "structure", "objective", "threads", "refine_s", "baseline_s",
+                 "wanda_s", "sparsegpt_s", "extra_mem_ratio")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def make_layer(rows: int, cols: int, seed: int = 0, with_gram: bool = True) -> dict:
+    """A random float32 layer and the exact statistics of synthetic inputs (see above)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + rows * 31 + cols)
+    row_scale = torch.exp(0.2 * torch.randn(rows, 1, generator=g))
+    col_scale = torch.exp(0.2 * torch.randn(1, cols, generator=g))
+    w = torch.randn(rows, cols, generator=g).mul_(row_scale).mul_(col_scale).mul_(0.02)
+    s = torch.exp(0.7 * torch.randn(cols, generator=g))
+    s[torch.rand(cols, generator=g) < 0.005] *= 20  # outlier features
+    mu = 0.3 * s * torch.randn(cols, generator=g)
+    factors = 0.5 * torch.randn(16, cols, generator=g)  # F: 16 latent factors
+    var = s.square() * (1 + factors.square().sum(0))
+    layer = dict(w=w, mean=mu, var=var, sqnorm=var + mu.square())
+    if with_gram:
+        low = torch.cat([factors * s, mu.unsqueeze(0)])  # G: [17, C]
+        gram = low.t() @ low
+        gram.diagonal().add_(s.square())
+        layer["gram"] = gram
+    return layer
+
+
+def _linear(w: torch.Tensor) -> torch.nn.Linear:
+    module = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    module.weight = torch.nn.Parameter(w, requires_grad=False)
+    return module
+
+
+def wanda_step(w, sqnorm, nm):
+    """llm-compressor's Wanda sparsify of the layer: (pruned weight, seconds)."""
+    from llmcompressor.modifiers.pruning.wanda.wanda_sparsify import sparsify_weight
+
+    module = _linear(w)
+    n, m = nm if nm is not None else (0, 0)
+    scalars = {module: sqnorm.clone()}
+    gc.collect()
+    start = time.perf_counter()
+    pruned = sparsify_weight(module, scalars, SPARSITY if nm is None else n / m, n, m)
+    return pruned, time.perf_counter() - start
+
+
+def _inverse_hessian_seconds(hessian: torch.Tensor) -> float:
+    """Time SparseGPT's inverse-Hessian steps (as in ``sgpt_sparsify``) on a copy."""
+    h = hessian.clone()
+    start = time.perf_counter()
+    damp = SGPT_DAMP * torch.mean(torch.diag(h))
+    diag = torch.arange(h.shape[0])
+    h[diag, diag] += damp
+    h = torch.linalg.cholesky(h)
+    h = torch.cholesky_inverse(h)
+    torch.linalg.cholesky(h, upper=True)
+    return time.perf_counter() - start
+
+
+def sparsegpt_step(w, gram, nm, max_cols: int):
+    """
+    llm-compressor's SparseGPT sparsify of the layer: (seconds, extrapolated). Wider
+    than ``max_cols``: run on the first ``max_cols`` columns; the inverse Hessian is
+    scaled as C³, the rest linearly in C.
+    """
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+
+    cols = w.shape[1]
+    sub = cols if cols <= max_cols else max_cols - max_cols % (nm[1] if nm else 1)
+    module = _linear(w[:, :sub].contiguous())
+    hessian = gram[:sub, :sub].mul(2)
+    inverse_s = _inverse_hessian_seconds(hessian) if sub < cols else 0.0
+    n, m = nm if nm is not None else (0, 0)
+    hessians = {module: hessian}
+    gc.collect()
+    start = time.perf_counter()
+    sparsify_weight(module, hessians, SPARSITY if nm is None else n / m, n, m, SGPT_BLOCK,
+                    SGPT_DAMP, False)
+    seconds = time.perf_counter() - start
+    del hessians, hessian, module
+    if sub == cols:
+        return seconds, False
+    scale = cols / sub
+    inverse_s = min(inverse_s, seconds)
+    return inverse_s * scale**3 + (seconds - inverse_s) * scale, True
+
+
+# --------------------------------------------------------------------------- baseline
+
+
+def _baseline_row_mean(w, wc, mean, var_p, score_col, nm, max_cycles, threshold, sign_check):
+    """The paper's rule on one row, walking its sorted candidate lists."""
+    cols = w.numel()
+    pruned = wc == 0
+    r = torch.dot(w - wc, mean)
+    grow_key = (w * (mean / var_p)).masked_fill_(~pruned, 0)
+    grow_order = torch.sort(grow_key, descending=True, stable=True).indices
+    n_gp, n_gn = int((grow_key > 0).sum()), int((grow_key < 0).sum())
+    score = wc.abs() * score_col
+    if nm is None:
+        v = wc * mean
+        prune_key = torch.where(v < 0, -score, score).masked_fill_(v == 0, math.inf)
+        prune_order = torch.sort(prune_key, stable=True).indices
+        n_neg, n_pos = int((v < 0).sum()), int((v > 0).sum())
+    else:
+        score.masked_fill_(pruned, math.inf)
+        m = nm[1]
+    gp = gn = qn = qp = 0
+    for _ in range(max_cycles):
+        if not bool(r.abs() > threshold):
+            break
+        pos = bool(r > 0)
+        if pos:
+            if gp >= n_gp:
+                break
+            g = int(grow_order[gp])
+        else:
+            if gn >= n_gn:
+                break
+            g = int(grow_order[cols - 1 - gn])
+        if nm is None:
+            if pos:
+                if qn >= n_neg:
+                    break
+                p = int(prune_order[n_neg - 1 - qn])
+            else:
+                if qp >= n_pos:
+                    break
+                p = int(prune_order[n_neg + qp])
+        else:
+            start = g // m * m
+            block = score[start:start + m]
+            best = int(block.argmin())
+            if not math.isfinite(float(block[best])):
+                break
+            p = start + best
+        r_new = r - w[g] * mean[g] + wc[p] * mean[p]
+        if not bool(r_new.abs() < r.abs()):
+            break
+        if sign_check and bool(r_new * r < 0):
+            break
+        wc[g] = w[g]
+        wc[p] = 0
+        r = r_new
+        if pos:
+            gp += 1
+            qn += 1
+        else:
+            gn += 1
+            qp += 1
+        if nm is not None:
+            score[p] = math.inf
+    return wc
+
+
+def _baseline_row_gram(w, wc, u, h, h_diag, nm, max_cycles, rtol):
+    """The exact-error rule on one row: the best grow, then the best prune given it."""
+    e = w - wc
+    loss = torch.dot(e, u)
+    grow_penalty = torch.zeros_like(w).masked_fill_((wc != 0) | (w == 0), math.inf)
+    prune_penalty = torch.zeros_like(w).masked_fill_(wc == 0, math.inf)
+    for _ in range(max_cycles):
+        d_grow = (e * h_diag - 2 * u) * e + grow_penalty
+        g = int(d_grow.argmin())
+        delta_g = -e[g]
+        h_g = h[g]
+        if nm is None:
+            lo, hi = 0, w.numel()
+        else:
+            lo = g // nm[1] * nm[1]
+            hi = lo + nm[1]
+        wc_b = wc[lo:hi]
+        d_prune = ((u[lo:hi] + h_g[lo:hi] * delta_g) * 2 + wc_b * h_diag[lo:hi]) * wc_b
+        d_prune += prune_penalty[lo:hi]
+        p = lo + int(d_prune.argmin())
+        total = d_grow[g] + d_prune[p - lo]
+        if not bool(total < -rtol * loss.clamp_min(0)):
+            break
+        delta_p = wc[p].clone()
+        u += h[p] * delta_p + h_g * delta_g
+        e[g] = 0
+        e[p] = w[p]
+        loss = loss + total
+        grow_penalty[g] = math.inf
+        prune_penalty[p] = math.inf
+        wc[g] = w[g]
+        wc[p] = 0
+    return wc
+
+
+def baseline_refine(dense, current, objective, nm, stats, rows=None, max_cycles=MAX_CYCLES,
+                    threshold=DEFAULT_THRESHOLD, rtol=1e-6):
+    """
+    The plain per-row implementation: a Python loop over ``rows`` (default all),
+    each running its own greedy cycles with torch ops on that row (float32). For
+    ``gram`` each row first gets its ``u = H e_i``, a matrix-vector product.
+
+    :return: the refined rows ``[len(rows), cols]``, the seconds spent on the rows'
+        products ``u = H e_i`` (``gram``; 0 for ``mean``) and the seconds of the rest
+    """
+    rows = torch.arange(dense.shape[0]) if rows is None else rows
+    w_all = dense[rows].float()
+    wc_all = current[rows].float()
+    out = torch.empty_like(wc_all)
+    product_s = 0.0
+    start = time.perf_counter()
+    if objective == "mean":
+        mean, var = stats["mean"].float(), stats["var"].float()
+        floor = torch.finfo(torch.float32).tiny + 1e-12 * float(var.max().clamp_min(0))
+        var_p = var.clamp_min(floor)
+        score_col = stats["sqnorm"].float().clamp_min(0).sqrt()
+        sign_check = nm is not None
+        for i in range(len(rows)):
+            out[i] = _baseline_row_mean(w_all[i], wc_all[i].clone(), mean, var_p, score_col, nm,
+                                        max_cycles, threshold, sign_check)
+    else:
+        h = stats["gram"].float()
+        h_diag = h.diagonal()
+        for i in range(len(rows)):
+            tick = time.perf_counter()
+            u = torch.mv(h, w_all[i] - wc_all[i])  # H is symmetric: H e = (eᵀ H)ᵀ
+            product_s += time.perf_counter() - tick
+            out[i] = _baseline_row_gram(w_all[i], wc_all[i].clone(), u, h, h_diag, nm,
+                                        max_cycles, rtol)
+    return out, product_s, time.perf_counter() - start - product_s
+
+
+def baseline_rows(total: int, limit: int) -> torch.Tensor:
+    """``limit`` evenly spaced rows of ``total`` (all of them if there are no more)."""
+    if total <= limit:
+        return torch.arange(total)
+    return torch.linspace(0, total - 1, limit).round().long().unique()
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class PeakMemory:
+    """
+    Peak resident memory taken by a block of code, from the kernel (Linux): hand
+    free heap memory back (``malloc_trim``), reset the peak (``clear_refs``), and
+    read VmHWM − VmRSS after. ``extra`` is None where that is not available.
+    """
+
+    def __init__(self):
+        self.extra = None
+        self._before = None
+
+    @staticmethod
+    def _status() -> dict:
+        values = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, value = line.split(":")
+                    values[key] = int(value.split()[0]) * 1024
+        return values
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            self._before = self._status()["VmRSS"]
+        except OSError:
+            self._before = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._before is not None:
+            self.extra = self._status()["VmHWM"] - self._before
+        return False
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _refine_stats(layer, objective):
+    if objective == "mean":
+        return {k: layer[k] for k in ("mean", "var", "sqnorm")}
+    return {"gram": layer["gram"]}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        rows, cols = item.lower().split("x")
+        shapes.append((int(rows), int(cols)))
+    return shapes
+
+
+def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed, log=print):
+    results = []
+    for rows, cols in shapes:
+        log(f"## layer {rows}x{cols}: making inputs")
+        layer = make_layer(rows, cols, seed)
+        w = layer["w"]
+        weight_bytes = w.numel() * w.element_size()
+        sub = baseline_rows(rows, baseline_limit)
+        for structure, nm in STRUCTURES.items():
+            if nm is not None and cols % nm[1]:
+                continue
+            for threads in thread_counts:
+                torch.set_num_threads(threads)
+                current, wanda_s = wanda_step(w, layer["sqnorm"], nm)
+                sgpt_s, sgpt_extrapolated = sparsegpt_step(w, layer["gram"], nm, sparsegpt_max_cols)
+                for objective in OBJECTIVES:
+                    stats = _refine_stats(layer, objective)
+                    peak = PeakMemory() if memory else None
+                    with peak or _nothing():
+                        start = time.perf_counter()
+                        result = refine_mask(w, current, objective=objective, nm=nm,
+                                             max_cycles=MAX_CYCLES, **stats)
+                        refine_s = time.perf_counter() - start
+                    extra = None if peak is None or peak.extra is None else peak.extra / weight_bytes
+                    gc.collect()
+                    _, product_s, cycles_s = baseline_refine(w, current, objective, nm, stats, sub)
+                    scale = rows / len(sub)
+                    row = {
+                        "shape": [rows, cols], "structure": structure, "objective": objective,
+                        "threads": threads, "refine_s": refine_s,
+                        "baseline_s": (product_s + cycles_s) * scale,
+                        "wanda_s": wanda_s, "sparsegpt_s": sgpt_s, "extra_mem_ratio": extra,
+                        "baseline_cycles_s": cycles_s * scale, "baseline_rows": len(sub),
+                        "sparsegpt_extrapolated": sgpt_extrapolated,
+                        "swaps": result.swaps, "cycles": result.cycles,
+                    }
+                    results.append(row)
+                    log(f"{rows}x{cols} {structure} {objective} threads={threads}: refine "
+                        f"{refine_s:.2f}s ({result.swaps} swaps, {result.cycles} cycles), baseline "
+                        f"{row['baseline_s']:.1f}s (cycles only {row['baseline_cycles_s']:.1f}s), "
+                        f"wanda {wanda_s:.2f}s, sparsegpt {'~' if sgpt_extrapolated else ''}"
+                        f"{sgpt_s:.1f}s, extra memory {_fmt(extra)}x")
+                    del result
+                del current
+        del layer, w
+        gc.collect()
+    return results
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _fmt(x, digits=2):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _pruner(row):
+    return (row["wanda_s"], "Wanda") if row["objective"] == "mean" else (row["sparsegpt_s"], "SparseGPT")
+
+
+def markdown_table(results) -> str:
+    lines = [
+        "| shape | structure | objective | threads | refine s | per-row baseline s "
+        "| speed-up (cycles only) | Wanda s | SparseGPT s | refine / its pruner "
+        "| extra memory (× weight) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        pruner, name = _pruner(r)
+        base = _fmt(r["baseline_s"], 1) + ("*" if r["baseline_rows"] < r["shape"][0] else "")
+        sgpt = ("≈" if r["sparsegpt_extrapolated"] else "") + _fmt(r["sparsegpt_s"], 1)
+        lines.append(
+            f"| {r['shape'][0]}×{r['shape'][1]} | {r['structure']} | {r['objective']} "
+            f"| {r['threads']} | {_fmt(r['refine_s'])} | {base} "
+            f"| {r['baseline_s'] / r['refine_s']:.1f}× ({r['baseline_cycles_s'] / r['refine_s']:.1f}×) "
+            f"| {_fmt(r['wanda_s'])} | {sgpt} | {r['refine_s'] / pruner:.2f} ({name}) "
+            f"| {_fmt(r['extra_mem_ratio'])} |"
+        )
+    return "\n".join(lines)
+
+
+def goals(results) -> list[str]:
+    """The issue's goals, checked case by case: lines of text."""
+    out = []
+    for r in results:
+        name = f"{r['shape'][0]}×{r['shape'][1]} {r['structure']} {r['objective']} t={r['threads']}"
+        pruner, pname = _pruner(r)
+        mem = r["extra_mem_ratio"]
+        checks = [
+            (r["refine_s"] <= pruner, f"refine/{pname} {r['refine_s'] / pruner:.2f} (<= 1)"),
+            (r["baseline_s"] >= 10 * r["refine_s"],
+             f"per-row baseline/refine {r['baseline_s'] / r['refine_s']:.1f}x (>= 10x)"),
+            (mem is not None and mem <= 4, f"extra memory {_fmt(mem)}x (<= 4x)"),
+        ]
+        for ok, text in checks:
+            out.append(f"{'met   ' if ok else 'MISSED'} {name}: {text}")
+    return out
+
+
+def oneshot_share(path: Path) -> list[str]:
+    if not path.exists():
+        return [f"No oneshot JSON at {path}: the share of DSnoT in a oneshot run is not reported."]
+    data = json.loads(path.read_text())
+    meta = data.get("meta", {})
+    lines = [f"Share of DSnoT in whole oneshot runs on the real model ({path}; model "
+             f"{meta.get('model', '?')}, {meta.get('threads', '?')} threads, {meta.get('date', '?')}):",
+             "", "| method | oneshot s | DSnoT s | share | goal (<= 20%) |", "|---|---|---|---|---|"]
+    for row in data.get("rows", []):
+        if row.get("dsnot_s") and row.get("oneshot_s"):
+            share = row["dsnot_s"] / row["oneshot_s"]
+            lines.append(f"| {row.get('method', '?')} | {row['oneshot_s']:.1f} | "
+                         f"{row['dsnot_s']:.1f} | {100 * share:.1f}% | "
+                         f"{'met' if share <= 0.2 else 'MISSED'} |")
+    return lines
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write one row per case to this file")
+    parser.add_argument("--quick", action="store_true", help="the two smallest shapes only")
+    parser.add_argument("--shapes", help=argparse.SUPPRESS)  # e.g. 64x128,32x64 (tests)
+    parser.add_argument("--threads", help="thread counts, e.g. 1,2 (default: 1 and all)")
+    parser.add_argument("--baseline-rows", type=int, default=32,
+                        help="rows the per-row baseline is timed on, scaled to all rows")
+    parser.add_argument("--sparsegpt-max-cols", type=int, default=11008,
+                        help="wider layers: SparseGPT timed on this many columns, extrapolated")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--oneshot-json", type=Path, default=DEFAULT_ONESHOT_JSON)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    all_threads = torch.get_num_threads()
+    if args.threads:
+        thread_counts = [int(t) for t in args.threads.split(",")]
+    else:
+        thread_counts = sorted({1, all_threads})
+    if args.shapes:
+        shapes = parse_shapes(args.shapes)
+    else:
+        shapes = sorted(SHAPES, key=lambda s: s[0] * s[1])[:2] if args.quick else SHAPES
+    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"torch {torch.__version__}, {all_threads} threads available; shapes {shapes}")
+    started = time.perf_counter()
+    try:
+        results = run(shapes, thread_counts, args.baseline_rows, args.sparsegpt_max_cols,
+                      not args.no_memory, args.seed, log)
+    finally:
+        torch.set_num_threads(all_threads)
+
+    print(f"# DSnoT refinement speed (torch {torch.__version__}, CPU, float32 weights, "
+          f"{MAX_CYCLES} cycles at most, starting from Wanda's mask)\n")
+    print(markdown_table(results))
+    print()
+    extrapolated = [r for r in results if r["baseline_rows"] < r["shape"][0]]
+    if extrapolated:
+        print(f"\\* per-row baseline timed on {extrapolated[0]['baseline_rows']} evenly spaced rows, "
+              "scaled linearly to all rows. Speed-up: per-row baseline / refine; in brackets, "
+              "the baseline without its per-row products u = H·e_i (gram; refine keeps its "
+              "own product E·H).")
+    if any(r["sparsegpt_extrapolated"] for r in results):
+        print(f"≈ SparseGPT timed on the layer's first {args.sparsegpt_max_cols} columns and "
+              "extrapolated: its inverse Hessian (timed on its own) as C³, the rest linearly "
+              "in C (a lower bound for that part).")
+    print("Extra memory: peak resident set during refine_mask (VmHWM after "
+          "/proc/self/clear_refs, free heap handed back first) minus the resident set "
+          "before, over the weight's bytes; the result weight counts, the statistics "
+          "(Gram matrix included) do not.\n")
+    print("Goals per case:\n")
+    print("\n".join(goals(results)))
+    print()
+    print("\n".join(oneshot_share(args.oneshot_json)))
+    print(f"\n(benchmark took {time.perf_counter() - started:.0f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
