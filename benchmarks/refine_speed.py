@@ -45,8 +45,8 @@ from diagonal). Their statistics are exact population moments, cheap even for
 ``E[x xᵀ] = diag(s²) + Gᵀ G`` with ``G = [F ⊙ s; μ]``.
 
 Finally the share of a whole oneshot run that DSnoT takes on the real model is
-read from the main job's JSON (``--oneshot-json``, rows with ``oneshot_s`` and
-``dsnot_s``).
+read from ``dsnot bench``'s JSON (``--oneshot-json``, default ``runs/bench.json``:
+its rows' ``time_s``) or from the main job's (rows with ``oneshot_s`` and ``dsnot_s``).
 
 Timings are wall-clock, on whatever else the machine runs: on a shared machine
 they are noisy, and threads > 1 suffer most (each parallel region waits for a core).
@@ -74,7 +74,7 @@ SPARSITY = 0.6
 MAX_CYCLES = 50
 SGPT_BLOCK = 128
 SGPT_DAMP = 0.01
-DEFAULT_ONESHOT_JSON = Path(__file__).resolve().parent.parent / "runs" / "main.json"
+DEFAULT_ONESHOT_JSON = Path(__file__).resolve().parent.parent / "runs" / "bench.json"
 REQUIRED_KEYS = ("shape", "structure", "objective", "threads", "refine_s", "baseline_s",
                  "wanda_s", "sparsegpt_s", "extra_mem_ratio")
 
@@ -471,15 +471,24 @@ def goals(results) -> list[str]:
     return out
 
 
+def _share_rows(data) -> tuple[dict, list[dict]]:
+    """(meta, rows of method, oneshot_s, dsnot_s) from the main job's or ``dsnot bench``'s JSON."""
+    if isinstance(data, list):  # dsnot bench: one row per (method, sparsity)
+        meta = data[0].get("params", {}) if data else {}
+        rows = [{"method": f"{r['method']} {r['sparsity']}", "oneshot_s": r["time_s"]["oneshot"],
+                 "dsnot_s": r["time_s"]["dsnot"]} for r in data if "time_s" in r]
+        return meta, rows
+    return data.get("meta", {}), data.get("rows", [])
+
+
 def oneshot_share(path: Path) -> list[str]:
     if not path.exists():
         return [f"No oneshot JSON at {path}: the share of DSnoT in a oneshot run is not reported."]
-    data = json.loads(path.read_text())
-    meta = data.get("meta", {})
+    meta, rows = _share_rows(json.loads(path.read_text()))
     lines = [f"Share of DSnoT in whole oneshot runs on the real model ({path}; model "
              f"{meta.get('model', '?')}, {meta.get('threads', '?')} threads, {meta.get('date', '?')}):",
              "", "| method | oneshot s | DSnoT s | share | goal (<= 20%) |", "|---|---|---|---|---|"]
-    for row in data.get("rows", []):
+    for row in rows:
         if row.get("dsnot_s") and row.get("oneshot_s"):
             share = row["dsnot_s"] / row["oneshot_s"]
             lines.append(f"| {row.get('method', '?')} | {row['oneshot_s']:.1f} | "

@@ -69,3 +69,18 @@ def test_per_row_baseline_makes_the_same_masks(bench, objective, nm):
     # the baseline's products H·e_i round differently from refine's E·H: allow a rare row
     same = (base == ours.weight[rows]).all(1)
     assert int(same.sum()) >= len(rows) - 1
+
+
+def test_oneshot_share_reads_dsnot_bench_rows(bench, tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps([
+        {"method": "wanda", "sparsity": "0.6", "time_s": {"oneshot": 100.0, "dsnot": 0.0},
+         "params": {"model": "m", "threads": 1, "date": "d"}},
+        {"method": "wanda+dsnot", "sparsity": "0.6", "time_s": {"oneshot": 120.0, "dsnot": 30.0}},
+        {"method": "wanda+dsnot", "sparsity": "2:4", "time_s": {"oneshot": 110.0, "dsnot": 11.0}},
+    ]))
+    lines = bench.oneshot_share(path)
+    assert "| wanda+dsnot 0.6 | 120.0 | 30.0 | 25.0% | MISSED |" in lines
+    assert "| wanda+dsnot 2:4 | 110.0 | 11.0 | 10.0% | met |" in lines
+    assert not any(line.startswith("| wanda 0.6") for line in lines)
+    assert "model m, 1 threads, d" in lines[0]

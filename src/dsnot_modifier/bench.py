@@ -451,7 +451,20 @@ def _finish_row(row: dict) -> dict:
     return row
 
 
+def _die_with_parent():
+    """Linux: end this worker when the ``dsnot bench`` that started it ends (killed too)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _worker(spec_path: str, out_path: str) -> int:
+    _die_with_parent()
     with open(spec_path) as f:
         spec = json.load(f)
     row = _finish_row(run_row(spec))
