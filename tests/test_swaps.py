@@ -170,3 +170,19 @@ def test_bad_arguments():
         refine_mask(w, wc[:, :8], objective="gram", **stats)
     with pytest.raises(ValueError, match="multiple"):
         refine_mask(w, wc, objective="gram", nm=(2, 5), **stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_or_inf_is_where_with_inf(dtype):
+    from dsnot_modifier.swaps import _or_inf
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(7, 33, generator=g, dtype=torch.float64).to(dtype)
+    x[0, :5] = 0
+    x[1, :3] = float("inf")
+    x[2, :4] = torch.finfo(dtype).max
+    x[3, :4] = torch.finfo(dtype).tiny / 4  # subnormal
+    keep = torch.rand(7, 33, generator=g) < 0.5
+    got = _or_inf(keep, x)
+    assert got.dtype == dtype
+    assert torch.equal(got, torch.where(keep, x, float("inf")))
