@@ -48,3 +48,15 @@ def tiny_model_dir(tmp_path_factory):
 def calib_windows():
     g = torch.Generator().manual_seed(1)
     return torch.randint(1, VOCAB, (8, 32), generator=g)
+
+
+def load_script(relative_path: str):
+    """Import a script of the repository (benchmarks/...) as a module, for its tests."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

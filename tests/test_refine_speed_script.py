@@ -1,23 +1,16 @@
 """Smoke test of benchmarks/refine_speed.py on tiny layers: it runs, and its JSON has
 the documented schema (no timing is checked)."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
-import torch
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "refine_speed.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("refine_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/refine_speed.py")
 
 
 def test_main_on_tiny_shapes_writes_the_json_schema(bench, tmp_path, capsys):

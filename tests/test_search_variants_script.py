@@ -1,23 +1,16 @@
 """The layer study's per-row searches (benchmarks/search_variants.py): its `greedy` search is
 our rule (same errors as refine_mask), and the wider searches never end worse on one swap."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_script
 
 from dsnot_modifier.swaps import gram_error, refine_mask
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "search_variants.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("search_variants", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/search_variants.py")
 
 
 def _layer(seed=0, rows=12, cols=48):

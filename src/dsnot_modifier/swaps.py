@@ -119,33 +119,26 @@ def gram_error(dense: torch.Tensor, current: torch.Tensor, gram: torch.Tensor) -
 
 
 @contextlib.contextmanager
+def _threads(n: int | None, at_most: bool = False):
+    """
+    Run with ``n`` intra-op threads (None: as set); with ``at_most``, only ever fewer. The
+    matrix products run with the caller's threads (``_threads(caller's count)``): BLAS's
+    rounding depends on the thread count, and results must not depend on the caps.
+    """
+    before = torch.get_num_threads()
+    if n is None or n == before or (at_most and n > before):
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _at_most_threads(n: int | None):
     """Run with at most ``n`` intra-op threads (None: as set)."""
-    before = torch.get_num_threads()
-    if n is None or n >= before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
-def _threads(n: int | None):
-    """Run with ``n`` intra-op threads (None: as set). The matrix products run with the
-    caller's threads: BLAS's rounding depends on the thread count, and the results
-    must not depend on the caps of :func:`_at_most_threads`."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _threads(n, at_most=True)
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
