@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from dsnot_modifier.masks import initial_mask
 from dsnot_modifier.swaps import gram_error, refine_mask
 
 MODULES = {"q_proj": ("self_attn", "q_proj"), "o_proj": ("self_attn", "o_proj"),
@@ -75,9 +76,8 @@ def capture(layer_index: int, samples: int, seq_len: int = 512) -> dict:
 
 
 def wanda_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float) -> torch.Tensor:
-    score = w.abs() * h.diagonal().clamp_min(0).sqrt()
-    k = int(w.shape[1] * sparsity)
-    return w.scatter(1, score.argsort(1)[:, :k], 0.0)
+    """Wanda's mask (the package's own, as standalone DSnoT makes it), pruned weights zeroed."""
+    return w.masked_fill(initial_mask(w, sparsity, None, "wanda", h.diagonal()), 0.0)
 
 
 def search_row(w, wc, h, cycles: int, mode: str, rtol: float = 1e-6) -> float:
