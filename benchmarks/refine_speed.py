@@ -55,6 +55,7 @@ they are noisy, and threads > 1 suffer most (each parallel region waits for a co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -385,7 +386,7 @@ def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed,
                 for objective in OBJECTIVES:
                     stats = _refine_stats(layer, objective)
                     peak = PeakMemory() if memory else None
-                    with peak or _nothing():
+                    with peak or contextlib.nullcontext():
                         start = time.perf_counter()
                         result = refine_mask(w, current, objective=objective, nm=nm,
                                              max_cycles=MAX_CYCLES, **stats)
@@ -414,14 +415,6 @@ def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed,
         del layer, w
         gc.collect()
     return results
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt(x, digits=2):
