@@ -341,8 +341,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: markers of the N:M points in the plot (others: a plus)
+NM_MARKERS = {"2:4": "s", "4:8": "D"}
+
+
 def plot(rows: list[dict], path: str, text: str | None = None) -> str:
-    """Perplexity against sparsity (N:M at its fraction), one line per method, log scale."""
+    """
+    Perplexity against sparsity, one line per method (log scale); N:M patterns as
+    points at their fraction (2:4 squares, 4:8 diamonds) in their method's colour.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,25 +357,39 @@ def plot(rows: list[dict], path: str, text: str | None = None) -> str:
 
     text = text or next(iter(rows[0]["ppl"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    patterns: set[str] = set()
+    order = {m: i for i, m in enumerate(METHODS)}
+    methods = sorted({r["method"] for r in rows}, key=lambda m: order.get(m, len(order)))
+    for method in methods:
         if method == "dense":
             r = next(r for r in rows if r["method"] == "dense")
             ax.axhline(r["ppl"][text], color="black", linestyle=":", label="dense")
             continue
+        color = None  # the method's colour, for its N:M points too
         for structured in (False, True):
             points = sorted(
-                (parse_sparsity(r["sparsity"])[0], r["ppl"][text])
+                (parse_sparsity(r["sparsity"])[0], r["ppl"][text], r["sparsity"])
                 for r in rows
                 if r["method"] == method and (":" in r["sparsity"]) == structured
             )
             if not points:
                 continue
-            xs, ys = zip(*points)
-            style = dict(marker="s", linestyle="none") if structured else dict(marker="o")
-            label = method + (" (N:M)" if structured else "")
-            ax.plot(xs, ys, label=label, **style)
+            if not structured:
+                xs, ys, _ = zip(*points)
+                (line,) = ax.plot(xs, ys, marker="o", label=method, color=color)
+                color = line.get_color()
+                continue
+            for x, y, pattern in points:
+                marker = NM_MARKERS.get(pattern, "P")
+                (dot,) = ax.plot([x], [y], marker=marker, linestyle="none", color=color,
+                                 markersize=7, label="_nolegend_" if color else method)
+                color = dot.get_color()
+                patterns.add(pattern)
+    for pattern in sorted(patterns):  # one legend entry per N:M pattern
+        ax.plot([], [], marker=NM_MARKERS.get(pattern, "P"), linestyle="none", color="grey",
+                label=pattern)
     ax.set_yscale("log")
-    ax.set_xlabel("sparsity (N:M plotted at N/M)")
+    ax.set_xlabel("sparsity (N:M at N/M: 2:4 squares, 4:8 diamonds)")
     ax.set_ylabel(f"perplexity on {text} (log)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
