@@ -161,3 +161,29 @@ def test_eval_tasks_without_lm_eval(tiny_model_dir, texts):
     with pytest.raises(RuntimeError, match="pip install 'dsnot-modifier\\[lm-eval\\]'"):
         cli_main(["eval", tiny_model_dir, "--text", held_out, "--windows", "1", "--seq-len", "16",
                   "--tasks", "hellaswag"])
+
+
+def test_plot_draws_nm_points_in_their_methods_colour(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to inspect it
+    rows = [{"method": m, "sparsity": s, "ppl": {"t": p}}
+            for m, s, p in [("dense", "0", 10.0), ("wanda", "0.6", 50.0), ("wanda", "2:4", 60.0),
+                            ("wanda+dsnot", "0.6", 30.0), ("wanda+dsnot", "0.7", 40.0),
+                            ("wanda+dsnot", "4:8", 35.0), ("wanda+dsnot", "2:4", 45.0)]]
+    path = bench.plot(rows, str(tmp_path / "p.png"), "t")
+    assert (tmp_path / "p.png").stat().st_size > 0 and path.endswith("p.png")
+    lines = [ln for ln in figures[0].axes[0].get_lines() if len(ln.get_xdata())]
+    by_method = {}
+    for ln in lines[1:]:  # after the dense line
+        if ln.get_marker() == "o":
+            by_method[ln.get_label()] = ln.get_color()
+    assert list(by_method) == ["wanda", "wanda+dsnot"] and len(set(by_method.values())) == 2
+    points = [(ln.get_ydata()[0], ln.get_marker(), ln.get_color()) for ln in lines
+              if ln.get_marker() in ("s", "D")]
+    assert sorted(points) == sorted([(60.0, "s", by_method["wanda"]),
+                                     (35.0, "D", by_method["wanda+dsnot"]),
+                                     (45.0, "s", by_method["wanda+dsnot"])])
+    legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert legend == ["dense", "wanda", "wanda+dsnot", "2:4", "4:8"]
