@@ -365,24 +365,17 @@ def plot(rows: list[dict], path: str, text: str | None = None) -> str:
             r = next(r for r in rows if r["method"] == "dense")
             ax.axhline(r["ppl"][text], color="black", linestyle=":", label="dense")
             continue
+        points = sorted((parse_sparsity(r["sparsity"])[0], r["ppl"][text], r["sparsity"])
+                        for r in rows if r["method"] == method)
+        line = [(x, y) for x, y, pattern in points if ":" not in pattern]
         color = None  # the method's colour, for its N:M points too
-        for structured in (False, True):
-            points = sorted(
-                (parse_sparsity(r["sparsity"])[0], r["ppl"][text], r["sparsity"])
-                for r in rows
-                if r["method"] == method and (":" in r["sparsity"]) == structured
-            )
-            if not points:
-                continue
-            if not structured:
-                xs, ys, _ = zip(*points)
-                (line,) = ax.plot(xs, ys, marker="o", label=method, color=color)
-                color = line.get_color()
-                continue
-            for x, y, pattern in points:
-                marker = NM_MARKERS.get(pattern, "P")
-                (dot,) = ax.plot([x], [y], marker=marker, linestyle="none", color=color,
-                                 markersize=7, label="_nolegend_" if color else method)
+        if line:
+            (drawn,) = ax.plot(*zip(*line), marker="o", label=method)
+            color = drawn.get_color()
+        for x, y, pattern in points:
+            if ":" in pattern:
+                (dot,) = ax.plot([x], [y], marker=NM_MARKERS.get(pattern, "P"), linestyle="none",
+                                 color=color, markersize=7, label="_nolegend_" if color else method)
                 color = dot.get_color()
                 patterns.add(pattern)
     for pattern in sorted(patterns):  # one legend entry per N:M pattern
