@@ -42,7 +42,7 @@ def standalone(objective="gram", structure="0:0", **kwargs):
 def run_oneshot(model, model_dir, windows, recipe):
     from llmcompressor import oneshot
 
-    from dsnot_modifier.pipeline import calibration_dataset, load_tokenizer
+    from dsnot_modifier.experiments.pipeline import calibration_dataset, load_tokenizer
 
     oneshot(model=model, processor=load_tokenizer(model_dir), dataset=calibration_dataset(windows),
             recipe=recipe, pipeline="sequential", num_calibration_samples=windows.shape[0],
@@ -79,7 +79,7 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
     from loguru import logger
     from transformers import AutoModelForCausalLM
 
-    from dsnot_modifier.pipeline import load_model
+    from dsnot_modifier.experiments.pipeline import load_model
     from llmcompressor.modifiers import Modifier
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
@@ -209,7 +209,7 @@ def session(tiny_model_dir, calib_windows, tmp_path_factory):
     Start the worker on two ranks; while they run, one process (this one) computes
     the reference of each scenario on all the windows. Returns both.
     """
-    from dsnot_modifier.pipeline import load_model
+    from dsnot_modifier.experiments.pipeline import load_model
 
     outdir = tmp_path_factory.mktemp("distributed")
     torch.save(calib_windows, outdir / "windows.pt")
@@ -353,23 +353,22 @@ def test_assignment_balances_across_subgraphs_and_respects_who_saw_a_layer():
 
 
 def test_agreement_of_what_the_ranks_saw():
-    from dsnot_modifier import DSnoTConfigError, DSnoTModifier
-    from dsnot_modifier.distributed import DSnoTDistributedError
+    from dsnot_modifier import DSnoTConfigError
+    from dsnot_modifier.distributed import DSnoTDistributedError, agreed_layers
 
     def entry(name, **kw):
         return dict(name=name, leader=name, shape=[4, 4], columns=4, dense="d", current="c",
                     mask="m", pruned=False, inputs="x") | kw
 
-    dsnot = DSnoTModifier(initial="wanda", sparsity=0.5)
     # a layer only rank 1 ran (an expert no token of rank 0 reached) joins the union
-    layers, seen_by = dsnot._agreed_layers([[entry("a")], [entry("a"), entry("b")]])
+    layers, seen_by = agreed_layers([[entry("a")], [entry("a"), entry("b")]])
     assert list(layers) == ["a", "b"] and seen_by == {"a": [0, 1], "b": [1]}
     with pytest.raises(DSnoTConfigError, match="different pruning masks"):
-        dsnot._agreed_layers([[entry("a")], [entry("a", mask="other")]])
+        agreed_layers([[entry("a")], [entry("a", mask="other")]])
     with pytest.raises(DSnoTConfigError, match="different weights"):
-        dsnot._agreed_layers([[entry("a")], [entry("a", dense="other")]])
+        agreed_layers([[entry("a")], [entry("a", dense="other")]])
     with pytest.raises(DSnoTDistributedError, match="differently"):
-        dsnot._agreed_layers([[entry("a")], [entry("a", leader="q")]])
+        agreed_layers([[entry("a")], [entry("a", leader="q")]])
 
 
 if __name__ == "__main__":

@@ -40,10 +40,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 __all__ = [
+    "Objective",
     "OBJECTIVES",
     "DEFAULT_THRESHOLD",
     "RefineResult",
@@ -52,7 +54,9 @@ __all__ = [
     "gram_error",
 ]
 
-OBJECTIVES = ("gram", "mean")
+#: what a swap lowers: the exact squared output error, or the paper's mean error
+Objective = Literal["gram", "mean"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 #: The paper stops a row at |r| <= 0.1 with r summed over 2048-token sequences;
 #: r here is a per-token mean, so the same point is 0.1 / 2048.

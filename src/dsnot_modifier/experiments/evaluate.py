@@ -65,7 +65,7 @@ def text_perplexity(
     ``seq_len − 1`` tokens; with ``bos`` the tokenizer's BOS token is put before
     each window and all ``seq_len`` of its tokens are scored.
     """
-    from dsnot_modifier.data import eval_windows
+    from dsnot_modifier.experiments.data import eval_windows
 
     ids = eval_windows(tokenizer, text, windows, seq_len)
     if bos:
@@ -117,8 +117,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from dsnot_modifier.data import EVAL_TEXT
-    from dsnot_modifier.pipeline import load_model, load_tokenizer
+    from dsnot_modifier.experiments.data import EVAL_TEXT
+    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
