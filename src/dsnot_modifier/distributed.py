@@ -39,6 +39,7 @@ __all__ = [
     "DSnoTDistributedError",
     "RankGroup",
     "world_size",
+    "make_group",
     "refine_across_ranks",
     "describe_layers",
     "agreed_layers",
@@ -140,6 +141,23 @@ class RankGroup:
                 dist.destroy_process_group(group)
             except Exception as err:  # noqa: BLE001 - cleanup only
                 logger.debug(f"DSnoT: destroying a process group failed: {err}")
+
+
+def make_group(timeout: float, num_layers: int) -> RankGroup:
+    """DSnoT's :class:`RankGroup` for a run over ``num_layers`` target layers, logged."""
+    group = RankGroup(timeout)
+    logger.info(
+        f"DSnoT: distributed over {group.world_size} ranks (this is rank "
+        f"{group.rank}); statistics are summed over the ranks, each layer is "
+        "refined by one rank and broadcast"
+    )
+    if group.world_size > num_layers:
+        logger.warning(
+            f"DSnoT: {group.world_size} ranks but only {num_layers} target "
+            "layers: some ranks will refine nothing (they still calibrate their share "
+            "of the data)"
+        )
+    return group
 
 
 def assign_layers(

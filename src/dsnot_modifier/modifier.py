@@ -14,13 +14,7 @@ import weakref
 from typing import Literal
 
 import torch
-from compressed_tensors.offload import get_offloaded_device
-from compressed_tensors.utils import (
-    align_module_device,
-    get_execution_device,
-    match_named_modules,
-    update_offload_parameter,
-)
+from compressed_tensors.utils import align_module_device, get_execution_device, match_named_modules
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -28,7 +22,13 @@ from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.modifier import Modifier
 from llmcompressor.utils.metric_logging import CompressionLogger
 
-from dsnot_modifier.distributed import DEFAULT_TIMEOUT, RankGroup, refine_across_ranks, world_size
+from dsnot_modifier.distributed import (
+    DEFAULT_TIMEOUT,
+    RankGroup,
+    make_group,
+    refine_across_ranks,
+    world_size,
+)
 from dsnot_modifier.errors import FIX_ORDER, DSnoTConfigError, DSnoTDistributedError
 from dsnot_modifier.masks import (
     Initial,
@@ -37,21 +37,26 @@ from dsnot_modifier.masks import (
     format_structure,
     infer_structure,
     initial_mask,
-    parse_mask_structure,
 )
+from dsnot_modifier.offload import check_offload_writable, snapshot_weight, write_weight
 from dsnot_modifier.recipe_checks import (
     check_distributed_pruners,
-    check_offload_writable,
     check_recipe,
     check_same_pass,
+    check_settings,
     check_targets,
-    offload_fix,
 )
 from dsnot_modifier.report import DSnoTReport, LayerReport, attach_report
 from dsnot_modifier.stats import InputStats, LayerState, Variance
 from dsnot_modifier.swaps import DEFAULT_THRESHOLD, Objective, refine_mask
 
 __all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTDistributedError"]
+
+#: the fields written into the report's ``params``
+_REPORTED = {
+    "objective", "max_cycles", "threshold", "var_power", "variance",
+    "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore",
+}
 
 
 class DSnoTModifier(Modifier):
@@ -91,8 +96,7 @@ class DSnoTModifier(Modifier):
     Lifecycle:
 
     - on_initialize
-        - find the target layers; check the recipe order (a pruner before DSnoT,
-          or ``initial``)
+        - find the target layers; check the recipe (:mod:`.recipe_checks`)
         - register_hook(module, calibrate_module, "forward")
     - on_calibration_start
         - under torchrun: make DSnoT's process group (collectives with a timeout);
@@ -100,16 +104,11 @@ class DSnoTModifier(Modifier):
         - check that disk-offloaded target layers can be written
     - calibrate_module (every batch)
         - first batch of a layer: check that the pruner calibrates in the same pass
-          (sequential pipeline), snapshot the layer's dense weight (on the cpu if the
-          layer is offloaded, else on its execution device)
+          (sequential pipeline), snapshot the layer's dense weight
         - accumulate input statistics, shared by layers that read the same input
     - on_sequential_epoch_end (after the pruner's own)
-        - refine every pruned layer of the subgraph on its execution device, write
-          its weight, free its state
-        - under torchrun (:func:`~dsnot_modifier.distributed.refine_across_ranks`):
-          check that all ranks see the same weights, sum the statistics over the
-          ranks, spread the layers over the ranks (each refined once), broadcast the
-          refined weights, check that all ranks hold them
+        - refine every pruned layer of the subgraph, write its weight, free its state;
+          under torchrun, spread over the ranks (:func:`.distributed.refine_across_ranks`)
     - on_calibration_end
         - remove hooks, log the summary; error if no layer was refined
     - on_finalize
@@ -159,16 +158,8 @@ class DSnoTModifier(Modifier):
     targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
     chunk_rows: int | None = Field(default=None, ge=1)
-    snapshot_device: Literal["auto", "execution", "cpu"] = Field(
-        default="auto",
-        description="where the dense copy of a layer is kept until its refinement: "
-        "auto (cpu for offloaded layers, else the execution device), execution or cpu",
-    )
-    dist_timeout: float = Field(
-        default=DEFAULT_TIMEOUT,
-        gt=0,
-        description="under torchrun, seconds a DSnoT collective waits for the other ranks",
-    )
+    snapshot_device: Literal["auto", "execution", "cpu"] = "auto"
+    dist_timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
 
     _nm: tuple[int, int] | None = PrivateAttr(default=None)
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
@@ -199,31 +190,9 @@ class DSnoTModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_settings(self) -> "DSnoTModifier":
-        try:
-            self._nm = parse_mask_structure(self.mask_structure)
-        except MaskStructureError as err:
-            raise ValueError(str(err)) from None
-        if self.initial is None:
-            if self.sparsity is not None:
-                raise ValueError(
-                    "sparsity is only used with `initial` (standalone DSnoT); after a "
-                    "pruner DSnoT keeps the pruner's sparsity. Remove sparsity, or set "
-                    "initial: wanda"
-                )
-            return self
-        if self._nm is None:
-            if self.sparsity is None:
-                raise ValueError(
-                    f"initial: {self.initial} needs a sparsity (e.g. sparsity: 0.5) or an "
-                    "N:M mask_structure (e.g. '2:4')"
-                )
-            if self.mask_structure is None:
-                self.mask_structure = "0:0"
-        elif self.sparsity is not None and abs(self.sparsity - self._nm[0] / self._nm[1]) > 1e-9:
-            raise ValueError(
-                f"sparsity {self.sparsity} contradicts mask_structure "
-                f"{self.mask_structure!r} ({self._nm[0] / self._nm[1]}); remove sparsity"
-            )
+        self._nm, structure = check_settings(self.initial, self.sparsity, self.mask_structure)
+        if structure != self.mask_structure:
+            self.mask_structure = structure
         return self
 
     # ----------------------------------------------------------------- lifecycle
@@ -288,35 +257,9 @@ class DSnoTModifier(Modifier):
 
     def _setup_distributed(self):
         """Under torchrun, DSnoT's process group (collectives with a timeout)."""
-        if self._group is not None or world_size() < 2:
-            return
-        self._group = RankGroup(self.dist_timeout)
-        self._loads = [0.0] * self._group.world_size
-        logger.info(
-            f"DSnoT: distributed over {self._group.world_size} ranks (this is rank "
-            f"{self._group.rank}); statistics are summed over the ranks, each layer is "
-            "refined by one rank and broadcast"
-        )
-        if self._group.world_size > len(self._names):
-            logger.warning(
-                f"DSnoT: {self._group.world_size} ranks but only {len(self._names)} target "
-                "layers: some ranks will refine nothing (they still calibrate their share "
-                "of the data)"
-            )
-
-    def _snapshot(self, module: torch.nn.Module) -> torch.Tensor:
-        """A copy of the layer's dense weight, where ``snapshot_device`` says."""
-        weight = module.weight.detach()
-        device = weight.device
-        if self.snapshot_device == "cpu":
-            device = torch.device("cpu")
-        elif self.snapshot_device == "auto":
-            offloaded = get_offloaded_device(module)
-            if offloaded == "disk":
-                device = torch.device("cpu")
-            elif offloaded is not None and torch.device(offloaded) != weight.device:
-                device = torch.device(offloaded)
-        return weight.to(device, copy=True)
+        if self._group is None and world_size() > 1:
+            self._group = make_group(self.dist_timeout, len(self._names))
+            self._loads = [0.0] * self._group.world_size
 
     def _new_stats(self, module: torch.nn.Module, num_columns: int) -> InputStats:
         return InputStats(
@@ -335,7 +278,7 @@ class DSnoTModifier(Modifier):
         layer = self._layers.get(module)
         if layer is None:
             check_same_pass(self, active_session().lifecycle.recipe.modifiers)
-            layer = self._layers[module] = LayerState(dense=self._snapshot(module))
+            layer = self._layers[module] = LayerState(dense=snapshot_weight(module, self.snapshot_device))
             self._track_state()
         if layer.stats is None:
             if self._last is not None and self._last.same_input(inp):
@@ -355,8 +298,7 @@ class DSnoTModifier(Modifier):
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
         self._last = None
-        if self._group is None and world_size() > 1:
-            self._setup_distributed()  # outside a pipeline that started calibration
+        self._setup_distributed()  # if outside a pipeline that started calibration
         if self._group is None:
             for module in list(self._layers):
                 layer = self._layers.pop(module)
@@ -445,39 +387,12 @@ class DSnoTModifier(Modifier):
             var_power=self.var_power,
             sign_check=self.sign_check,
             chunk_rows=self.chunk_rows,
-            **self._statistics(stats),
+            **stats.for_objective(self.objective, self.variance),
         )
         seconds = time.perf_counter() - start
-        self._write_weight(module, name, result.weight)
-        zeros = int((result.weight == 0).sum())
-        return LayerReport(
-            name=name,
-            shape=list(result.weight.shape),
-            structure=format_structure(nm),
-            objective=self.objective,
-            initial=origin,
-            zeros=zeros,
-            sparsity=zeros / result.weight.numel(),
-            swaps=result.swaps,
-            rows_changed=result.rows_changed,
-            error_before=result.error_before,
-            error_after=result.error_after,
-            seconds=seconds,
-        )
-
-    def _write_weight(self, module: torch.nn.Module, name: str, weight: torch.Tensor):
-        try:
-            update_offload_parameter(module, "weight", weight)
-        except OSError as err:
-            where = getattr(module._parameters, "offload_dir", None)
-            fix = (
-                offload_fix(where)
-                if where is not None
-                else "check the memory or disk the model is offloaded to"
-            )
-            raise DSnoTConfigError(
-                f"writing the refined weight of {name} failed ({err}); {fix}"
-            ) from err
+        write_weight(module, name, result.weight)
+        return LayerReport.of(result, name=name, structure=format_structure(nm),
+                              objective=self.objective, initial=origin, seconds=seconds)
 
     def _structure(self, name: str, current: torch.Tensor, dense: torch.Tensor):
         if self.mask_structure is None:
@@ -488,15 +403,5 @@ class DSnoTModifier(Modifier):
             raise DSnoTConfigError(str(err)) from None
         return self._nm
 
-    def _statistics(self, stats: InputStats) -> dict:
-        if self.objective == "gram":
-            return {"gram": stats.gram()}
-        return {"mean": stats.mean(), "var": stats.var(self.variance), "sqnorm": stats.sqnorm()}
-
     def _params(self) -> dict:
-        return self.model_dump(
-            include={
-                "objective", "max_cycles", "threshold", "var_power", "variance",
-                "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore",
-            }
-        )
+        return self.model_dump(include=_REPORTED)

@@ -9,28 +9,28 @@ tested without an llm-compressor session. Each raises
   the same ``mask_structure``, no GPTQ after DSnoT, a warning for a quantizer before;
 - :func:`check_same_pass`: the pruner calibrates in DSnoT's pass (sequential pipeline);
 - :func:`check_distributed_pruners`: no pruner under torchrun;
-- :func:`check_offload_writable`: disk-offloaded target layers can be written.
+- :func:`check_settings`: the modifier's own fields agree (``initial``,
+  ``sparsity``, ``mask_structure``).
+
+(That disk-offloaded target layers can be written is checked by
+:func:`dsnot_modifier.offload.check_offload_writable`.)
 """
 
 from __future__ import annotations
 
-import tempfile
 from typing import Sequence
 
-import torch
-from compressed_tensors.offload.cache import DiskCache
 from loguru import logger
 
 from dsnot_modifier.errors import FIX_DISTRIBUTED, FIX_ORDER, DSnoTConfigError
-from dsnot_modifier.masks import parse_mask_structure
+from dsnot_modifier.masks import MaskStructureError, parse_mask_structure
 
 __all__ = [
     "check_targets",
     "check_recipe",
     "check_same_pass",
     "check_distributed_pruners",
-    "check_offload_writable",
-    "offload_fix",
+    "check_settings",
 ]
 
 
@@ -131,29 +131,38 @@ def check_distributed_pruners(pruners: Sequence, ranks: int):
     )
 
 
-def offload_fix(directory) -> str:
-    """What to do when a layer offloaded to disk in ``directory`` cannot be written."""
-    return (
-        f"the layer is offloaded to disk in {directory}: make that directory writable, "
-        "with room for the model, or load the model with another, writable "
-        "offload_folder (from_pretrained(..., offload_folder=...))"
-    )
+def check_settings(
+    initial: str | None, sparsity: float | None, mask_structure: str | None
+) -> tuple[tuple[int, int] | None, str | None]:
+    """
+    Check that DSnoTModifier's ``initial``, ``sparsity`` and ``mask_structure`` agree.
 
-
-def check_offload_writable(names: dict[torch.nn.Module, str]):
-    """DSnoT (and a pruner before it) write weights offloaded to disk in place."""
-    dirs: dict[str, list[str]] = {}
-    for module, name in names.items():
-        cache = module._parameters
-        if isinstance(cache, DiskCache):
-            dirs.setdefault(str(cache.offload_dir), []).append(name)
-    for directory, layers in dirs.items():
-        try:
-            with tempfile.NamedTemporaryFile(dir=directory, prefix=".dsnot-probe-"):
-                pass
-        except OSError as err:
-            raise DSnoTConfigError(
-                f"{len(layers)} target layers (e.g. {layers[0]}) are offloaded to disk in "
-                f"{directory}, which cannot be written ({err.strerror or err}); "
-                + offload_fix(directory)
-            ) from None
+    :return: the parsed N:M (None for unstructured) and the ``mask_structure`` to
+        keep (``"0:0"`` for a standalone unstructured run that left it unset)
+    :raises ValueError: naming the fix (pydantic reports it as a validation error)
+    """
+    try:
+        nm = parse_mask_structure(mask_structure)
+    except MaskStructureError as err:
+        raise ValueError(str(err)) from None
+    if initial is None:
+        if sparsity is not None:
+            raise ValueError(
+                "sparsity is only used with `initial` (standalone DSnoT); after a "
+                "pruner DSnoT keeps the pruner's sparsity. Remove sparsity, or set "
+                "initial: wanda"
+            )
+        return nm, mask_structure
+    if nm is None:
+        if sparsity is None:
+            raise ValueError(
+                f"initial: {initial} needs a sparsity (e.g. sparsity: 0.5) or an "
+                "N:M mask_structure (e.g. '2:4')"
+            )
+        return nm, "0:0" if mask_structure is None else mask_structure
+    if sparsity is not None and abs(sparsity - nm[0] / nm[1]) > 1e-9:
+        raise ValueError(
+            f"sparsity {sparsity} contradicts mask_structure "
+            f"{mask_structure!r} ({nm[0] / nm[1]}); remove sparsity"
+        )
+    return nm, mask_structure

@@ -61,6 +61,27 @@ class LayerReport:
     error_after: float
     seconds: float
 
+    @classmethod
+    def of(cls, result, *, name: str, structure: str, objective: str, initial: str,
+           seconds: float) -> "LayerReport":
+        """The report of a layer refined into ``result`` (a :class:`~dsnot_modifier.swaps.RefineResult`)."""
+        weight = result.weight
+        zeros = int((weight == 0).sum())
+        return cls(
+            name=name,
+            shape=list(weight.shape),
+            structure=structure,
+            objective=objective,
+            initial=initial,
+            zeros=zeros,
+            sparsity=zeros / weight.numel(),
+            swaps=result.swaps,
+            rows_changed=result.rows_changed,
+            error_before=result.error_before,
+            error_after=result.error_after,
+            seconds=seconds,
+        )
+
     @property
     def error_change(self) -> float:
         """Relative change of the error, ``after / before - 1`` (0 if before is 0)."""

@@ -163,6 +163,12 @@ class InputStats:
             raise ValueError("these statistics were made without the Gram matrix")
         return self.gram_sum / self.tokens
 
+    def for_objective(self, objective: str, variance: str = "per_sequence") -> dict:
+        """The statistics an objective refines with, as keywords of ``refine_mask``."""
+        if objective == "gram":
+            return {"gram": self.gram()}
+        return {"mean": self.mean(), "var": self.var(variance), "sqnorm": self.sqnorm()}
+
     def check_finite(self, name: str = "layer"):
         """:raises NonFiniteStatisticsError: if any statistic is NaN or inf"""
         for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
