@@ -26,12 +26,12 @@ __all__ = [
     "INFER_BLOCK_SIZES",
 ]
 
+#: block sizes tried, smallest first, when the structure is read from the zeros
+INFER_BLOCK_SIZES = (4, 8, 16, 32)
+
 #: how standalone DSnoT makes its initial mask, see :func:`initial_mask`
 Initial = Literal["wanda", "magnitude"]
 INITIAL_KINDS: tuple[str, ...] = get_args(Initial)
-
-#: block sizes tried, smallest first, when the structure is read from the zeros
-INFER_BLOCK_SIZES = (4, 8, 16, 32)
 
 
 class MaskStructureError(ValueError):

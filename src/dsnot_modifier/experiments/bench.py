@@ -443,9 +443,7 @@ def _worker(spec_path: str, out_path: str) -> int:
     _die_with_parent()
     with open(spec_path) as f:
         spec = json.load(f)
-    row = _finish_row(run_row(spec))
-    with open(out_path, "w") as f:
-        json.dump(row, f)
+    write_json(out_path, _finish_row(run_row(spec)))
     return 0
 
 

@@ -7,7 +7,6 @@ lm-evaluation-harness installed) zero-shot tasks.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -138,6 +137,7 @@ def run(args) -> int:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{task}: {shown}", flush=True)
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(out, f, indent=2)
+        from dsnot_modifier.report import write_json
+
+        write_json(args.json_path, out)
     return 0
