@@ -3,7 +3,7 @@ DSnoT's swap machinery in plain torch: refine a pruning mask by swapping pruned
 weights back in for kept ones, row by row, so that every row (and, for N:M, every
 block of M input columns) keeps its number of zeros exactly.
 
-Two objectives share the machinery (see the package README and DSNOT.md):
+Two objectives share the machinery (see docs/algorithm.md):
 
 - ``mean``: the paper's rule. It steers the expected error of each row,
   ``r_i = Σ_c (W_ic − Wc_ic)·mean_c``: grow the pruned weight with the largest
