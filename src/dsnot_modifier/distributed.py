@@ -172,6 +172,12 @@ def assign_layers(
     the ranks ``allowed`` for the item (all if None). Ties go by the order of
     ``costs`` and the lowest rank, so every rank computes the same assignment.
     With more ranks than items some ranks get nothing.
+
+    This is compressed-tensors' ``greedy_bin_packing`` (which GPTQModifier uses)
+    with two things it lacks: the balance carried over between subgraphs (GPTQ
+    packs each subgraph from empty bins, so with fewer layers than ranks rank 0
+    would get the first layer of every subgraph) and the ranks allowed per layer
+    (a layer only some ranks ran, e.g. an expert, must go to one of them).
     """
     order = sorted(enumerate(costs.items()), key=lambda item: (-item[1][1], item[0]))
     owners = {}
