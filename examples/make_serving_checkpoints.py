@@ -118,7 +118,7 @@ def quantize_w8a8(source: Path, target: _Target, note: str, verbose: bool = Fals
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    from dsnot_modifier.pipeline import load_model, load_tokenizer, quiet_llmcompressor
+    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer, quiet_llmcompressor
 
     model = load_model(str(source))
     tokenizer = load_tokenizer(str(source))
@@ -140,9 +140,9 @@ def make_checkpoints(
     verbose: bool = False,
 ) -> dict:
     """Prune once, save the requested variants into ``out``; returns the manifest."""
-    from dsnot_modifier.data import calibration_windows
-    from dsnot_modifier.models import resolve_model
-    from dsnot_modifier.pipeline import load_tokenizer, make_recipe, run_oneshot
+    from dsnot_modifier.experiments.data import calibration_windows
+    from dsnot_modifier.experiments.models import resolve_model
+    from dsnot_modifier.experiments.pipeline import load_tokenizer, make_recipe, run_oneshot
 
     for dtype in dtypes:
         if dtype not in DTYPES:

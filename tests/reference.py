@@ -20,7 +20,7 @@ def _block(c: int, nm):
 
 
 def refine_row_mean(w, wc, mean, var, sqnorm, nm, max_cycles, threshold, var_power, sign_check):
-    """One row under the paper's rule (see DSNOT.md); returns the new row as a list."""
+    """One row under the paper's rule (see docs/algorithm.md); returns the new row as a list."""
     w, wc = [float(x) for x in w], [float(x) for x in wc]
     mean, var, sqnorm = ([float(x) for x in t] for t in (mean, var, sqnorm))
     cols = len(w)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import VOCAB
-from dsnot_modifier import bench
-from dsnot_modifier.cli import main as cli_main
+from dsnot_modifier.experiments import bench
+from dsnot_modifier.experiments.cli import main as cli_main
 
 
 def _words(path, n, seed):
@@ -131,8 +131,8 @@ def test_bench_bad_input(kwargs, match):
 
 
 def test_eval_command(tiny_model_dir, texts, tmp_path, capsys):
-    from dsnot_modifier.evaluate import perplexity
-    from dsnot_modifier.pipeline import load_model, load_tokenizer
+    from dsnot_modifier.experiments.evaluate import perplexity
+    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
 
     _, held_out = texts
     out = tmp_path / "eval.json"

@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from dsnot_modifier import DSnoTModifier
 from dsnot_modifier.checkpoint import CheckpointError, save_checkpoint, verify_checkpoint
-from dsnot_modifier.cli import main
-from dsnot_modifier.pipeline import load_model, load_tokenizer
+from dsnot_modifier.experiments.cli import main
+from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
 from test_modifier import COMMON, linears, run
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")

@@ -42,7 +42,7 @@ def standalone(objective="gram", structure="0:0", **kwargs):
 def run_oneshot(model, model_dir, windows, recipe):
     from llmcompressor import oneshot
 
-    from dsnot_modifier.pipeline import calibration_dataset, load_tokenizer
+    from dsnot_modifier.experiments.pipeline import calibration_dataset, load_tokenizer
 
     oneshot(model=model, processor=load_tokenizer(model_dir), dataset=calibration_dataset(windows),
             recipe=recipe, pipeline="sequential", num_calibration_samples=windows.shape[0],
@@ -79,7 +79,7 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
     from loguru import logger
     from transformers import AutoModelForCausalLM
 
-    from dsnot_modifier.pipeline import load_model
+    from dsnot_modifier.experiments.pipeline import load_model
     from llmcompressor.modifiers import Modifier
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
@@ -176,8 +176,51 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
         finally:
             results["hang_seconds"] = time.perf_counter() - start
 
+    def exchange():
+        """The distributed epoch alone, without an llm-compressor session."""
+        from dsnot_modifier.distributed import RankGroup, refine_across_ranks
+        from dsnot_modifier.report import LayerReport
+        from dsnot_modifier.stats import InputStats, LayerState
+
+        torch.manual_seed(0)  # the same layers on both ranks
+        modules = {name: torch.nn.Linear(8, 4, bias=False) for name in "abcd"}
+        names = {module: name for name, module in modules.items()}
+        torch.manual_seed(100 + rank)  # each rank its own inputs, rank 1 more of them
+        x_ab, x_c, x_d = (torch.randn(rank + 2, 3, 8) for _ in range(3))
+        tokens = {"a": x_ab[..., 0].numel(), "c": x_c[..., 0].numel(), "d": x_d[..., 0].numel()}
+        layers = {}
+        shared = InputStats(8)
+        for name, x, stats in (("a", x_ab, shared), ("b", x_ab, shared), ("c", x_c, None), ("d", x_d, None)):
+            if name == "d" and rank == 0:
+                continue  # only rank 1 ran layer d (an expert no token of rank 0 reached)
+            if stats is None:
+                stats = InputStats(8)
+            if name != "b":
+                stats.update(x)
+            layers[modules[name]] = LayerState(dense=modules[name].weight.detach().clone(), stats=stats)
+        seen = {}
+
+        def refine(module, dense, stats):
+            name = names[module]
+            seen[name] = stats.tokens
+            with torch.no_grad():
+                module.weight.copy_(dense)
+                module.weight[:, : rank + 1] = 0  # the owner's mark
+            return LayerReport(name=name, shape=[4, 8], structure="unstructured", objective="mean",
+                               initial="wanda", zeros=4 * (rank + 1), sparsity=0.0, swaps=rank,
+                               rows_changed=0, error_before=1.0, error_after=0.5, seconds=0.0)
+
+        group = RankGroup(60)
+        results = refine_across_ranks(group, layers, names, refine, lambda m, c: InputStats(c),
+                                      objective="mean", loads=[0.0] * world, refine_all=True)
+        group.destroy()
+        return dict(owners={n: owner for n, (_, owner) in results.items()}, seen=seen, tokens=tokens,
+                    reports={n: r.swaps for n, (r, _) in results.items()}, left=len(layers),
+                    weights={n: m.weight.detach().clone() for n, m in modules.items()})
+
     results = {"seconds": {"start": time.perf_counter() - started}}
-    for scenario in (gram, mean24, private, disk, one_layer, same_data, wanda, masks_differ, hang):
+    for scenario in (gram, mean24, private, disk, one_layer, same_data, wanda, masks_differ, exchange,
+                     hang):
         results["seconds"][scenario.__name__] = -time.perf_counter()
         try:
             results[scenario.__name__] = scenario()
@@ -209,7 +252,7 @@ def session(tiny_model_dir, calib_windows, tmp_path_factory):
     Start the worker on two ranks; while they run, one process (this one) computes
     the reference of each scenario on all the windows. Returns both.
     """
-    from dsnot_modifier.pipeline import load_model
+    from dsnot_modifier.experiments.pipeline import load_model
 
     outdir = tmp_path_factory.mktemp("distributed")
     torch.save(calib_windows, outdir / "windows.pt")
@@ -338,6 +381,32 @@ def test_a_hanging_rank_makes_the_others_fail_not_wait(ranks):
     assert ranks[0]["hang_seconds"] < HANG_TIMEOUT + 30
 
 
+def test_exchange_between_ranks_without_a_session(ranks):
+    got = [r["exchange"] for r in ranks]
+    assert all("error" not in g for g in got), got
+    owners = got[0]["owners"]
+    # every rank learns the same owners, for every layer, in forward order; the layer
+    # only rank 1 ran goes to rank 1; every layer is refined exactly once
+    assert list(owners) == ["a", "b", "c", "d"] and got[1]["owners"] == owners
+    assert owners["d"] == 1 and set(owners.values()) == {0, 1}
+    refined = [set(g["seen"]) for g in got]
+    assert refined[0].isdisjoint(refined[1]) and refined[0] | refined[1] == set(owners)
+    assert all(name in refined[owner] for name, owner in owners.items())
+    # the owner refined with the statistics of both ranks, summed (a and b share theirs;
+    # rank 0 adds zeros for d, which it never ran)
+    for g in got:
+        for name, tokens in g["seen"].items():
+            source = "a" if name == "b" else name
+            assert tokens == sum(r["tokens"][source] for r in got if source != "d" or r is got[1])
+    # both ranks hold the owner's weights and its report; DSnoT's state is freed
+    for name, owner in owners.items():
+        assert torch.equal(got[0]["weights"][name], got[1]["weights"][name])
+        assert int((got[0]["weights"][name][:, : owner + 1] != 0).sum()) == 0
+        assert bool((got[0]["weights"][name][:, owner + 1 :] != 0).all())
+        assert got[0]["reports"][name] == got[1]["reports"][name] == owner
+    assert got[0]["left"] == got[1]["left"] == 0
+
+
 # ------------------------------------------------------- single-process units
 
 def test_assignment_balances_across_subgraphs_and_respects_who_saw_a_layer():
@@ -353,23 +422,22 @@ def test_assignment_balances_across_subgraphs_and_respects_who_saw_a_layer():
 
 
 def test_agreement_of_what_the_ranks_saw():
-    from dsnot_modifier import DSnoTConfigError, DSnoTModifier
-    from dsnot_modifier.distributed import DSnoTDistributedError
+    from dsnot_modifier import DSnoTConfigError
+    from dsnot_modifier.distributed import DSnoTDistributedError, agreed_layers
 
     def entry(name, **kw):
         return dict(name=name, leader=name, shape=[4, 4], columns=4, dense="d", current="c",
                     mask="m", pruned=False, inputs="x") | kw
 
-    dsnot = DSnoTModifier(initial="wanda", sparsity=0.5)
     # a layer only rank 1 ran (an expert no token of rank 0 reached) joins the union
-    layers, seen_by = dsnot._agreed_layers([[entry("a")], [entry("a"), entry("b")]])
+    layers, seen_by = agreed_layers([[entry("a")], [entry("a"), entry("b")]])
     assert list(layers) == ["a", "b"] and seen_by == {"a": [0, 1], "b": [1]}
     with pytest.raises(DSnoTConfigError, match="different pruning masks"):
-        dsnot._agreed_layers([[entry("a")], [entry("a", mask="other")]])
+        agreed_layers([[entry("a")], [entry("a", mask="other")]])
     with pytest.raises(DSnoTConfigError, match="different weights"):
-        dsnot._agreed_layers([[entry("a")], [entry("a", dense="other")]])
+        agreed_layers([[entry("a")], [entry("a", dense="other")]])
     with pytest.raises(DSnoTDistributedError, match="differently"):
-        dsnot._agreed_layers([[entry("a")], [entry("a", leader="q")]])
+        agreed_layers([[entry("a")], [entry("a", leader="q")]])
 
 
 if __name__ == "__main__":

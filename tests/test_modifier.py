@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 import dsnot_modifier
 from dsnot_modifier import DSnoTConfigError, DSnoTModifier
-from dsnot_modifier.pipeline import calibration_dataset, load_model, load_tokenizer
+from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer
 from dsnot_modifier.stats import NonFiniteStatisticsError
 from dsnot_modifier.swaps import gram_error
 from llmcompressor import oneshot
@@ -177,8 +177,8 @@ def test_same_input_layers_share_statistics(tiny_model_dir, calib_windows):
     original = DSnoTModifier.on_sequential_epoch_end
 
     def spy(self, state, event, **kwargs):
-        for module, stats in self._stats.items():
-            shared.setdefault(id(stats), []).append(self._names[module].split(".")[-1])
+        for module, layer in self._layers.items():
+            shared.setdefault(id(layer.stats), []).append(self._names[module].split(".")[-1])
         return original(self, state, event, **kwargs)
 
     DSnoTModifier.on_sequential_epoch_end = spy

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsnot_modifier import DSnoTConfigError, DSnoTModifier
-from dsnot_modifier.pipeline import calibration_dataset, load_model, load_tokenizer
+from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning import WandaPruningModifier
@@ -74,7 +74,8 @@ class SnapshotSpy(Modifier):
 
     def on_sequential_epoch_end(self, state, event, **kwargs):
         dsnot = SPIED[0]
-        for module, dense in dsnot._dense.items():
+        for module, layer in dsnot._layers.items():
+            dense = layer.dense
             SPIED.append((dense.device.type, dense.data_ptr() == module.weight.data_ptr()))
 
 
@@ -119,7 +120,7 @@ def test_offloaded_run_equals_the_in_memory_run(tiny_model_dir, calib_windows, i
     assert [(l.name, l.swaps) for l in dsnot.report.layers] == layers
     # DSnoT held at most one decoder layer's state, and nothing afterwards
     assert dsnot.peak_state_bytes == peak
-    assert dsnot.state_bytes == 0 and not dsnot._dense and not dsnot._stats
+    assert dsnot.state_bytes == 0 and not dsnot._layers
     # the dense copies waited on the cpu, as copies (not the onloaded weights)
     copies = SPIED[1:]
     assert len(copies) == 14 and all(device == "cpu" and not shared for device, shared in copies)

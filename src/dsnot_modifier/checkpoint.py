@@ -6,7 +6,8 @@ Checkpoints of DSnoT-pruned models: save them safely, and check them.
   place: a process that dies mid-save leaves only a hidden ``.NAME.partial-*``
   directory, never a half-written ``NAME``. An existing directory is replaced only
   with ``overwrite=True``.
-- :func:`verify_checkpoint` (``dsnot verify PATH``) reads the safetensors files of
+- :func:`verify_checkpoint` (the command ``dsnot verify PATH``, in
+  :mod:`dsnot_modifier.experiments.cli`) reads the safetensors files of
   a saved checkpoint (never pickles) and checks every layer of ``dsnot_report.json``:
   its zeros (a float, int8 or FP8 zero in the stored weight; packed int4 weights are
   decompressed with compressed-tensors first), its N:M structure, and its number of
@@ -24,13 +25,10 @@ and block is not detectable.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import re
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +36,14 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from dsnot_modifier.report import REPORT_FILE_NAME
+from dsnot_modifier.masks import (
+    MaskStructureError,
+    block_zero_counts,
+    format_structure,
+    infer_structure,
+    parse_mask_structure,
+)
+from dsnot_modifier.report import REPORT_FILE_NAME, read_report
 
 __all__ = [
     "CheckpointError",
@@ -47,8 +52,6 @@ __all__ = [
     "save_checkpoint",
     "verify_checkpoint",
     "read_zero_mask",
-    "add_parser",
-    "run",
 ]
 
 RECIPE_FILE_NAME = "recipe.yaml"
@@ -285,13 +288,10 @@ class VerifyResult:
 
 
 def _parse_structure(text: str, where: str) -> tuple[int, int] | None:
-    text = str(text).strip().lower()
-    if text in ("unstructured", "0:0"):
-        return None
-    match = re.fullmatch(r"(\d+):(\d+)", text)
-    if not match or not 0 < int(match.group(1)) < int(match.group(2)):
-        raise CheckpointError(f"{where}: structure {text!r} is neither 'unstructured' nor 'N:M'")
-    return int(match.group(1)), int(match.group(2))
+    try:
+        return parse_mask_structure(text)
+    except MaskStructureError as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
 def _load_report(path: Path) -> dict:
@@ -304,14 +304,10 @@ def _load_report(path: Path) -> dict:
             "(or model.save_pretrained after oneshot)"
         )
     try:
-        data = json.loads(file.read_text())
-        layers = data["layers"]
-        for layer in layers:
-            for key in ("name", "shape", "structure", "zeros"):
-                layer[key]  # noqa: B018  (must be there)
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{file} is not a DSnoT report ({type(err).__name__}: {err})") from None
-    if not layers:
+        data = read_report(file)
+    except ValueError as err:
+        raise CheckpointError(f"{file} is not a DSnoT report ({err})") from None
+    if not data["layers"]:
         raise CheckpointError(f"{file} lists no layer: DSnoT refined nothing, nothing to verify")
     return data
 
@@ -322,13 +318,11 @@ def _found_structure(zero: torch.Tensor, nm: tuple[int, int] | None) -> str:
     the structure). Reported unstructured: N:M only if every block holds exactly N
     zeros (as :func:`dsnot_modifier.masks.infer_structure` reads it), else unstructured.
     """
-    from dsnot_modifier.masks import format_structure, infer_structure
-
     if nm is not None:
         n, m = nm
         if zero.shape[1] % m:
             return "unstructured"
-        return f"{int(zero.reshape(zero.shape[0], -1, m).sum(-1).min())}:{m}"
+        return f"{int(block_zero_counts(zero, m).min())}:{m}"
     return format_structure(infer_structure((~zero).to(torch.float32)))
 
 
@@ -360,7 +354,7 @@ def _check_layer(entry: dict, tensors: _Tensors, quant_config: dict | None) -> L
         if zero.shape[1] % m:
             check.problems.append(f"{zero.shape[1]} columns are not a multiple of {m}")
         else:
-            short = int((zero.reshape(zero.shape[0], -1, m).sum(-1) < n).sum())
+            short = int((block_zero_counts(zero, m) < n).sum())
             if short:
                 check.problems.append(f"{short} blocks of {m} hold fewer than {n} zeros")
     if check.zeros < check.report_zeros:
@@ -525,35 +519,3 @@ def save_checkpoint(
         raise
     logger.info(f"Checkpoint saved to {path}")
     return path
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def add_parser(sub) -> argparse.ArgumentParser:
-    parser = sub.add_parser(
-        "verify",
-        help="check a saved checkpoint's zeros and N:M structure against its dsnot_report.json",
-        description=(
-            "Read the safetensors weights of a saved checkpoint (dense, or quantized by "
-            "llm-compressor in the compressed-tensors format), print every DSnoT layer's "
-            "sparsity and N:M structure, and exit 1 if they are not what dsnot_report.json "
-            "states (2 if the checkpoint or its report cannot be read)."
-        ),
-    )
-    parser.add_argument("path", help="checkpoint directory")
-    parser.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
-    return parser
-
-
-def run(args) -> int:
-    try:
-        result = verify_checkpoint(args.path)
-    except CheckpointError as err:
-        print(f"dsnot verify: {err}", file=sys.stderr, flush=True)
-        return 2
-    print(result.table(), flush=True)
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
-    return 0 if result.ok else 1

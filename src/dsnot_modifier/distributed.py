@@ -1,7 +1,9 @@
 """
-DSnoT under ``torchrun``: collectives with a timeout, layer assignment, digests
-that let the ranks check they agree, and writing a weight received from another
-rank into this rank's (possibly offloaded) copy of a layer.
+DSnoT under ``torchrun``: the distributed epoch (:func:`refine_across_ranks`:
+describe, agree, assign, sum the statistics, refine or receive, verify), and its
+parts: collectives with a timeout, layer assignment, digests that let the ranks
+check they agree, and writing a weight received from another rank into this
+rank's (possibly offloaded) copy of a layer.
 
 Plain ``torch.distributed`` plus compressed-tensors' offload caches, as
 llm-compressor 0.14 uses them: in a distributed run, a model offloaded to CPU
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
-from typing import Any, Callable, Hashable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -24,12 +26,24 @@ from compressed_tensors.offload.cache import (
     DistributedDiskCache,
     OffloadCache,
 )
+from compressed_tensors.utils import align_module_device
 from loguru import logger
+
+from dsnot_modifier.errors import FIX_DISTRIBUTED, DSnoTConfigError, DSnoTDistributedError
+from dsnot_modifier.stats import InputStats, LayerState
+
+if TYPE_CHECKING:
+    from dsnot_modifier.report import LayerReport
 
 __all__ = [
     "DSnoTDistributedError",
     "RankGroup",
     "world_size",
+    "make_group",
+    "refine_across_ranks",
+    "describe_layers",
+    "agreed_layers",
+    "layer_cost",
     "assign_layers",
     "tensor_digest",
     "mask_digest",
@@ -40,11 +54,6 @@ T = TypeVar("T", bound=Hashable)
 
 #: seconds a DSnoT collective waits for the other ranks by default
 DEFAULT_TIMEOUT = 1800.0
-
-
-class DSnoTDistributedError(RuntimeError):
-    """The ranks of a distributed DSnoT run failed to work together (a rank
-    failed, hung, or saw other weights); the message names the cause and the fix."""
 
 
 def world_size() -> int:
@@ -94,11 +103,6 @@ class RankGroup:
                 f"dist_timeout (now {getattr(self, 'timeout', '?')} s)"
             ) from err
 
-    def all_reduce_(self, tensors: Sequence[torch.Tensor], what: str):
-        """Sum tensors over the ranks, in place."""
-        for tensor in tensors:
-            self.run(what, dist.all_reduce, tensor, op=dist.ReduceOp.SUM, group=self.group)
-
     def broadcast_(self, tensor: torch.Tensor, src: int, what: str):
         """Send ``tensor`` from rank ``src`` into ``tensor`` of every other rank."""
         self.run(what, dist.broadcast, tensor, src=src, group=self.group)
@@ -139,6 +143,23 @@ class RankGroup:
                 logger.debug(f"DSnoT: destroying a process group failed: {err}")
 
 
+def make_group(timeout: float, num_layers: int) -> RankGroup:
+    """DSnoT's :class:`RankGroup` for a run over ``num_layers`` target layers, logged."""
+    group = RankGroup(timeout)
+    logger.info(
+        f"DSnoT: distributed over {group.world_size} ranks (this is rank "
+        f"{group.rank}); statistics are summed over the ranks, each layer is "
+        "refined by one rank and broadcast"
+    )
+    if group.world_size > num_layers:
+        logger.warning(
+            f"DSnoT: {group.world_size} ranks but only {num_layers} target "
+            "layers: some ranks will refine nothing (they still calibrate their share "
+            "of the data)"
+        )
+    return group
+
+
 def assign_layers(
     costs: dict[T, float],
     loads: list[float],
@@ -151,6 +172,12 @@ def assign_layers(
     the ranks ``allowed`` for the item (all if None). Ties go by the order of
     ``costs`` and the lowest rank, so every rank computes the same assignment.
     With more ranks than items some ranks get nothing.
+
+    This is compressed-tensors' ``greedy_bin_packing`` (which GPTQModifier uses)
+    with two things it lacks: the balance carried over between subgraphs (GPTQ
+    packs each subgraph from empty bins, so with fewer layers than ranks rank 0
+    would get the first layer of every subgraph) and the ranks allowed per layer
+    (a layer only some ranks ran, e.g. an expert, must go to one of them).
     """
     order = sorted(enumerate(costs.items()), key=lambda item: (-item[1][1], item[0]))
     owners = {}
@@ -204,3 +231,209 @@ def receive_weight(module: torch.nn.Module, weight: torch.Tensor):
     if onloaded is not None and onloaded.data_ptr() != offloaded.data_ptr():
         with torch.no_grad():
             onloaded.copy_(weight)
+
+
+# --------------------------------------------------------------- the epoch
+
+#: refine one layer: (module, its dense weight, its input statistics) -> its report,
+#: or None if the layer was left as it is; writes the refined weight into the module
+Refine = Callable[[torch.nn.Module, torch.Tensor, InputStats], "LayerReport | None"]
+
+
+def refine_across_ranks(
+    group: RankGroup,
+    layers: dict[torch.nn.Module, LayerState],
+    names: dict[torch.nn.Module, str],
+    refine: Refine,
+    new_stats: Callable[[torch.nn.Module, int], InputStats],
+    *,
+    objective: str,
+    loads: list[float],
+    refine_all: bool = False,
+    first: bool = False,
+    track: Callable[[], None] = lambda: None,
+) -> dict[str, tuple["LayerReport", int]]:
+    """
+    One subgraph's refinement spread over the ranks (every rank calls the same
+    collectives in the same order; a failure on one rank reaches all of them):
+
+    1. every rank describes the layers it calibrated (digests of the dense
+       snapshot, of the current weight and of its zero mask); all must agree;
+    2. the layers to refine go to the ranks, greedy by cost, balance carried over
+       from the subgraphs before (``loads``), each to a rank that calibrated it;
+    3. the statistics are summed over the ranks (all_reduce, one per group of
+       layers sharing an input);
+    4. each rank refines its layers with ``refine`` and writes them; failures are
+       shared;
+    5. the owners broadcast the refined weights, the others write them in;
+    6. all ranks check they hold the same refined weights.
+
+    :param layers: this rank's calibrated layers of the subgraph, in forward order;
+        emptied (their state is freed as the work goes)
+    :param names: module -> name, for every target layer of the model
+    :param refine: refines one layer (see :data:`Refine`)
+    :param new_stats: empty statistics for a layer this rank never ran (module, columns)
+    :param objective: the objective, for the cost of a layer
+    :param refine_all: refine the layers no earlier pruner pruned too (``initial``)
+    :param first: the first subgraph of the run (warn if all ranks saw the same data)
+    :param track: called once the statistics of every layer are held (memory accounting)
+    :return: name -> (report, owner rank) of every layer refined, in forward order
+    """
+    by_name = {name: module for module, name in names.items()}
+    gathered = group.all_gather_object(
+        describe_layers(layers, names), "comparing the layers the ranks calibrated"
+    )
+    agreed, seen_by = agreed_layers(gathered)
+    if first and gathered[0] and all(
+        [e["inputs"] for e in summary] == [e["inputs"] for e in gathered[0]]
+        for summary in gathered
+    ):
+        logger.warning(
+            f"DSnoT: all {group.world_size} ranks calibrated on exactly the same inputs, "
+            "so the run uses 1/world_size of the samples asked for. llm-compressor 0.14 "
+            "hands every rank the same first samples when all ranks pass the same "
+            "dataset: pass each rank its own shard instead (e.g. dataset[start:end] with "
+            "start, end = n*rank//world, n*(rank+1)//world)"
+        )
+    # the statistics of every group of layers sharing an input (empty if this rank
+    # never ran it: it adds zeros to the sum)
+    group_stats: dict[str, InputStats] = {}
+    for name, entry in agreed.items():
+        module = by_name[name]
+        if module not in layers:
+            if entry["leader"] not in group_stats:
+                group_stats[entry["leader"]] = new_stats(module, entry["columns"])
+            layers[module] = LayerState(stats=group_stats[entry["leader"]])
+        group_stats.setdefault(entry["leader"], layers[module].stats)
+    track()
+    todo = [name for name, entry in agreed.items() if entry["pruned"] or refine_all]
+    costs = {name: layer_cost(agreed[name]["shape"], objective) for name in todo}
+    owners = assign_layers(costs, loads, allowed=seen_by)
+    mine = [name for name in todo if owners[name] == group.rank]
+    logger.debug(f"DSnoT rank {group.rank} refines {mine or 'no layer of this subgraph'}")
+    needed = {agreed[name]["leader"] for name in todo}
+    for leader, stats in group_stats.items():
+        if leader in needed:
+            group.run(f"summing the statistics of {leader}", stats.all_reduce_, group.group)
+    kept = {agreed[name]["leader"] for name in mine}
+    group_stats = {leader: s for leader, s in group_stats.items() if leader in kept}
+    dense = {by_name[name]: layers[by_name[name]].dense for name in mine}
+    layers.clear()
+
+    reports, error = {}, None
+    for name in mine:
+        module = by_name[name]
+        try:
+            reports[name] = refine(module, dense.pop(module), group_stats[agreed[name]["leader"]])
+        except Exception as err:  # noqa: BLE001 - shared with the other ranks below
+            error = err
+            break
+    dense.clear()
+    group_stats.clear()
+    group.agree(error, "refining its layers")
+    for gathered_reports in group.all_gather_object(reports, "sharing the layer reports"):
+        reports.update(gathered_reports)
+
+    written = [name for name in todo if reports.get(name) is not None]
+    for name in written:
+        _receive_or_send(group, by_name[name], name, owners[name])
+    digests = {}
+    for name in written:
+        with align_module_device(by_name[name]):
+            digests[name] = tensor_digest(by_name[name].weight)
+    gathered = group.all_gather_object(digests, "comparing the refined weights")
+    differ = [name for name in written if len({g[name] for g in gathered}) > 1]
+    if differ:
+        raise DSnoTDistributedError(
+            f"after DSnoT the ranks hold different weights of {differ}: the broadcast "
+            "of the refined weights did not reach every rank's copy of the model. "
+            "Please report this with the way the model was loaded and offloaded"
+        )
+    return {name: (reports[name], owners[name]) for name in written}
+
+
+def describe_layers(layers: dict[torch.nn.Module, LayerState], names: dict) -> list[dict]:
+    """This rank's view of the layers it calibrated in this subgraph, in forward order."""
+    leaders: dict[int, str] = {}
+    summary = []
+    for module, state in layers.items():
+        dense, stats = state.dense, state.stats
+        with torch.no_grad(), align_module_device(module):
+            current = module.weight.detach()
+            summary.append(dict(
+                name=names[module],
+                leader=leaders.setdefault(id(stats), names[module]),
+                shape=list(dense.shape),
+                columns=stats.num_columns,
+                dense=tensor_digest(dense),
+                current=tensor_digest(current),
+                mask=mask_digest(current),
+                pruned=bool(((current == 0) & (dense.to(current.device) != 0)).any()),
+                inputs=_stats_digest(stats),
+            ))
+    return summary
+
+
+def agreed_layers(gathered: list[list[dict]]) -> tuple[dict, dict]:
+    """
+    The union of the layers the ranks calibrated (rank 0's order first) and the
+    ranks that calibrated each; raises on every rank alike if two ranks saw
+    different weights, masks or statistics sharing for a layer.
+    """
+    layers: dict[str, dict] = {}
+    seen_by: dict[str, list[int]] = {}
+    differences = []
+    for rank, summary in enumerate(gathered):
+        for entry in summary:
+            name = entry["name"]
+            if name not in layers:
+                layers[name], seen_by[name] = entry, [rank]
+                continue
+            first = seen_by[name][0]
+            seen_by[name].append(rank)
+            for key in ("shape", "leader", "dense", "mask", "current"):
+                if entry[key] != layers[name][key]:
+                    differences.append((key, name, first, rank))
+                    break
+    if not differences:
+        return layers, seen_by
+    key, name, first, rank = differences[0]
+    where = f"{len(differences)} layer(s), e.g. {name} on ranks {first} and {rank}"
+    if key == "mask":
+        raise DSnoTConfigError(
+            f"the ranks hold different pruning masks before DSnoT refines them ({where}): "
+            "the masks were made on each rank from its own share of the data. Instead, "
+            + FIX_DISTRIBUTED
+        )
+    if key in ("dense", "current"):
+        raise DSnoTConfigError(
+            f"the ranks hold different weights ({where}): every rank must load the same "
+            "model (compressed_tensors.offload.load_offloaded_model shares rank 0's) and "
+            "no other modifier may change them differently on different ranks"
+        )
+    raise DSnoTDistributedError(
+        f"the ranks ran the layers differently ({key} differs for {where}); run the "
+        "same model and recipe on every rank"
+    )
+
+
+def layer_cost(shape: Sequence[int], objective: str) -> float:
+    """The relative cost of refining a ``[rows, cols]`` layer (``gram``: quadratic in cols)."""
+    rows, cols = shape
+    return float(rows) * cols * (cols if objective == "gram" else 1)
+
+
+def _receive_or_send(group: RankGroup, module: torch.nn.Module, name: str, owner: int):
+    with torch.no_grad(), align_module_device(module):
+        weight = module.weight.detach()
+        if group.rank == owner:
+            group.broadcast_(weight.contiguous(), owner, f"broadcasting {name}")
+            return
+        buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        group.broadcast_(buffer, owner, f"receiving {name} from rank {owner}")
+        receive_weight(module, buffer)
+
+
+def _stats_digest(stats: InputStats) -> str:
+    """A digest of a layer's input statistics (equal on two ranks iff same inputs)."""
+    return "|".join(tensor_digest(t) for t in stats.tensors())

@@ -8,21 +8,30 @@ Plain torch; nothing here imports llm-compressor.
 from __future__ import annotations
 
 import re
+from typing import Literal, get_args
 
 import torch
 
 __all__ = [
     "MaskStructureError",
     "parse_mask_structure",
+    "parse_sparsity",
     "format_structure",
+    "block_zero_counts",
     "infer_structure",
     "check_structure",
     "initial_mask",
+    "Initial",
+    "INITIAL_KINDS",
     "INFER_BLOCK_SIZES",
 ]
 
 #: block sizes tried, smallest first, when the structure is read from the zeros
 INFER_BLOCK_SIZES = (4, 8, 16, 32)
+
+#: how standalone DSnoT makes its initial mask, see :func:`initial_mask`
+Initial = Literal["wanda", "magnitude"]
+INITIAL_KINDS: tuple[str, ...] = get_args(Initial)
 
 
 class MaskStructureError(ValueError):
@@ -57,11 +66,36 @@ def parse_mask_structure(value: str | None) -> tuple[int, int] | None:
     return n, m
 
 
+def parse_sparsity(text: str) -> tuple[float, tuple[int, int] | None]:
+    """
+    A sparsity as a fraction or as N:M: ``"0.6"`` -> ``(0.6, None)``, ``"2:4"`` ->
+    ``(0.5, (2, 4))``.
+
+    :raises MaskStructureError: (a ValueError) if it is neither
+    """
+    text = str(text).strip()
+    if ":" in text:
+        nm = parse_mask_structure(text)
+        if nm is None:
+            raise MaskStructureError(f"sparsity {text!r}: N:M needs 0 < N < M, e.g. 2:4")
+        return nm[0] / nm[1], nm
+    try:
+        value = float(text)
+    except ValueError:
+        raise MaskStructureError(
+            f"sparsity {text!r}: give a fraction such as 0.6 or N:M such as 2:4"
+        ) from None
+    if not 0 < value < 1:
+        raise MaskStructureError(f"sparsity {text!r}: a fraction must lie strictly between 0 and 1")
+    return value, None
+
+
 def format_structure(nm: tuple[int, int] | None) -> str:
     return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
 
 
-def _block_zero_counts(zero: torch.Tensor, m: int) -> torch.Tensor:
+def block_zero_counts(zero: torch.Tensor, m: int) -> torch.Tensor:
+    """The number of True entries of every block of ``m`` columns of ``zero``: ``[rows, cols/m]``."""
     rows, cols = zero.shape
     return zero.reshape(rows, cols // m, m).sum(-1)
 
@@ -83,13 +117,13 @@ def infer_structure(
     for m in INFER_BLOCK_SIZES:
         if cols % m:
             continue
-        counts = _block_zero_counts(zero, m)
+        counts = block_zero_counts(zero, m)
         n = int(counts.min())
         if n < 1 or n >= m:
             continue
         extra = counts > n
         if extra.any():
-            dense_counts = _block_zero_counts(dense_zero, m)
+            dense_counts = block_zero_counts(dense_zero, m)
             if not bool((counts[extra] <= dense_counts[extra]).all()):
                 continue
         return n, m
@@ -124,7 +158,7 @@ def check_structure(
             f"{name}: mask_structure '{n}:{m}' needs the number of input columns "
             f"({cols}) to be a multiple of {m}; use another N:M or '0:0'"
         )
-    counts = _block_zero_counts(current == 0, m)
+    counts = block_zero_counts(current == 0, m)
     if not bool((counts >= n).all()):
         raise MaskStructureError(
             f"{name}: mask_structure '{n}:{m}' contradicts the zeros left by the earlier "
@@ -159,7 +193,7 @@ def initial_mask(
     elif kind == "magnitude":
         score = w
     else:
-        raise ValueError(f"initial must be 'wanda' or 'magnitude', not {kind!r}")
+        raise ValueError(f"initial must be one of {INITIAL_KINDS}, not {kind!r}")
     rows, cols = score.shape
     mask = torch.zeros_like(score, dtype=torch.bool)
     if nm is not None:

@@ -1,70 +1,62 @@
 """
 DSnoTModifier: llm-compressor glue around :mod:`dsnot_modifier.swaps`.
+
+The lifecycle calls plain functions: the recipe checks (:mod:`.recipe_checks`),
+the input statistics (:mod:`.stats`), the structures and initial masks
+(:mod:`.masks`), the refinement (:mod:`.swaps`), the distributed epoch
+(:mod:`.distributed`) and the report with its save-time hook (:mod:`.report`).
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 import weakref
 from typing import Literal
 
 import torch
-from compressed_tensors.distributed import is_source_process
-from compressed_tensors.offload import get_offloaded_device
-from compressed_tensors.offload.cache import DiskCache
-from compressed_tensors.utils import (
-    align_module_device,
-    get_execution_device,
-    match_named_modules,
-    update_offload_parameter,
-)
+from compressed_tensors.utils import align_module_device, get_execution_device, match_named_modules
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.modifier import Modifier
-from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+from llmcompressor.utils.metric_logging import CompressionLogger
 
 from dsnot_modifier.distributed import (
     DEFAULT_TIMEOUT,
-    DSnoTDistributedError,
     RankGroup,
-    assign_layers,
-    mask_digest,
-    receive_weight,
-    tensor_digest,
+    make_group,
+    refine_across_ranks,
     world_size,
 )
+from dsnot_modifier.errors import FIX_ORDER, DSnoTConfigError, DSnoTDistributedError
 from dsnot_modifier.masks import (
+    Initial,
     MaskStructureError,
     check_structure,
     format_structure,
     infer_structure,
     initial_mask,
-    parse_mask_structure,
 )
-from dsnot_modifier.report import DSnoTReport, LayerReport
-from dsnot_modifier.stats import InputStats
-from dsnot_modifier.swaps import DEFAULT_THRESHOLD, refine_mask
+from dsnot_modifier.offload import check_offload_writable, snapshot_weight, write_weight
+from dsnot_modifier.recipe_checks import (
+    check_distributed_pruners,
+    check_recipe,
+    check_same_pass,
+    check_settings,
+    check_targets,
+)
+from dsnot_modifier.report import DSnoTReport, LayerReport, attach_report
+from dsnot_modifier.stats import InputStats, LayerState, Variance
+from dsnot_modifier.swaps import DEFAULT_THRESHOLD, Objective, refine_mask
 
 __all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTDistributedError"]
 
-_FIX_DISTRIBUTED = (
-    "under torchrun, give DSnoTModifier `initial: wanda` and `sparsity` (or an N:M "
-    "mask_structure) instead of the pruner: DSnoT then makes the initial mask itself from "
-    "the statistics of all the ranks, summed; or run the recipe in a single process"
-)
-
-_FIX_ORDER = (
-    "put DSnoTModifier after a WandaPruningModifier or SparseGPTModifier in the same "
-    "recipe stage and run oneshot with pipeline='sequential', or give DSnoTModifier "
-    "`initial: wanda` (or `magnitude`) and `sparsity` so that it prunes by itself"
-)
-
-
-class DSnoTConfigError(ValueError):
-    """A recipe or model that DSnoT cannot refine as asked; the message names the fix."""
+#: the fields written into the report's ``params``
+_REPORTED = {
+    "objective", "max_cycles", "threshold", "var_power", "variance",
+    "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore",
+}
 
 
 class DSnoTModifier(Modifier):
@@ -104,8 +96,7 @@ class DSnoTModifier(Modifier):
     Lifecycle:
 
     - on_initialize
-        - find the target layers; check the recipe order (a pruner before DSnoT,
-          or ``initial``)
+        - find the target layers; check the recipe (:mod:`.recipe_checks`)
         - register_hook(module, calibrate_module, "forward")
     - on_calibration_start
         - under torchrun: make DSnoT's process group (collectives with a timeout);
@@ -113,15 +104,11 @@ class DSnoTModifier(Modifier):
         - check that disk-offloaded target layers can be written
     - calibrate_module (every batch)
         - first batch of a layer: check that the pruner calibrates in the same pass
-          (sequential pipeline), snapshot the layer's dense weight (on the cpu if the
-          layer is offloaded, else on its execution device)
+          (sequential pipeline), snapshot the layer's dense weight
         - accumulate input statistics, shared by layers that read the same input
     - on_sequential_epoch_end (after the pruner's own)
-        - refine every pruned layer of the subgraph on its execution device, write
-          its weight, free its state
-        - under torchrun: check that all ranks see the same weights, sum the
-          statistics over the ranks, spread the layers over the ranks (each refined
-          once), broadcast the refined weights, check that all ranks hold them
+        - refine every pruned layer of the subgraph, write its weight, free its state;
+          under torchrun, spread over the ranks (:func:`.distributed.refine_across_ranks`)
     - on_calibration_end
         - remove hooks, log the summary; error if no layer was refined
     - on_finalize
@@ -159,37 +146,26 @@ class DSnoTModifier(Modifier):
 
     requires_calibration_data: bool = True
 
-    objective: Literal["gram", "mean"] = "gram"
+    objective: Objective = "gram"
     max_cycles: int = Field(default=50, ge=0)
     threshold: float = Field(default=DEFAULT_THRESHOLD, ge=0)
     var_power: float = Field(default=1.0, ge=0)
-    variance: Literal["per_sequence", "global"] = "per_sequence"
+    variance: Variance = "per_sequence"
     sign_check: bool | None = None
     mask_structure: str | None = None
-    initial: Literal["wanda", "magnitude"] | None = None
+    initial: Initial | None = None
     sparsity: float | None = None
     targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
     chunk_rows: int | None = Field(default=None, ge=1)
-    snapshot_device: Literal["auto", "execution", "cpu"] = Field(
-        default="auto",
-        description="where the dense copy of a layer is kept until its refinement: "
-        "auto (cpu for offloaded layers, else the execution device), execution or cpu",
-    )
-    dist_timeout: float = Field(
-        default=DEFAULT_TIMEOUT,
-        gt=0,
-        description="under torchrun, seconds a DSnoT collective waits for the other ranks",
-    )
+    snapshot_device: Literal["auto", "execution", "cpu"] = "auto"
+    dist_timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
 
     _nm: tuple[int, int] | None = PrivateAttr(default=None)
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _pruners: list[Modifier] = PrivateAttr(default_factory=list)
-    _dense: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
-    _stats: dict[torch.nn.Module, InputStats] = PrivateAttr(default_factory=dict)
-    _leaders: set[torch.nn.Module] = PrivateAttr(default_factory=set)
-    _last_input: object = PrivateAttr(default=None)
-    _last_stats: InputStats | None = PrivateAttr(default=None)
+    _layers: dict[torch.nn.Module, LayerState] = PrivateAttr(default_factory=dict)
+    _last: LayerState | None = PrivateAttr(default=None)
     _report: DSnoTReport | None = PrivateAttr(default=None)
     _group: RankGroup | None = PrivateAttr(default=None)
     _loads: list[float] = PrivateAttr(default_factory=list)
@@ -214,31 +190,9 @@ class DSnoTModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_settings(self) -> "DSnoTModifier":
-        try:
-            self._nm = parse_mask_structure(self.mask_structure)
-        except MaskStructureError as err:
-            raise ValueError(str(err)) from None
-        if self.initial is None:
-            if self.sparsity is not None:
-                raise ValueError(
-                    "sparsity is only used with `initial` (standalone DSnoT); after a "
-                    "pruner DSnoT keeps the pruner's sparsity. Remove sparsity, or set "
-                    "initial: wanda"
-                )
-            return self
-        if self._nm is None:
-            if self.sparsity is None:
-                raise ValueError(
-                    f"initial: {self.initial} needs a sparsity (e.g. sparsity: 0.5) or an "
-                    "N:M mask_structure (e.g. '2:4')"
-                )
-            if self.mask_structure is None:
-                self.mask_structure = "0:0"
-        elif self.sparsity is not None and abs(self.sparsity - self._nm[0] / self._nm[1]) > 1e-9:
-            raise ValueError(
-                f"sparsity {self.sparsity} contradicts mask_structure "
-                f"{self.mask_structure!r} ({self._nm[0] / self._nm[1]}); remove sparsity"
-            )
+        self._nm, structure = check_settings(self.initial, self.sparsity, self.mask_structure)
+        if structure != self.mask_structure:
+            self.mask_structure = structure
         return self
 
     # ----------------------------------------------------------------- lifecycle
@@ -251,8 +205,10 @@ class DSnoTModifier(Modifier):
     @property
     def state_bytes(self) -> int:
         """Bytes DSnoT holds now: dense snapshots and input statistics (tensors)."""
-        stats = {id(s): s for s in self._stats.values()}.values()
-        return sum(d.nbytes for d in self._dense.values()) + sum(s.nbytes for s in stats)
+        layers = self._layers.values()
+        stats = {id(s.stats): s.stats for s in layers if s.stats is not None}.values()
+        dense = sum(s.dense.nbytes for s in layers if s.dense is not None)
+        return dense + sum(s.nbytes for s in stats)
 
     @property
     def peak_state_bytes(self) -> int:
@@ -265,67 +221,13 @@ class DSnoTModifier(Modifier):
         return dict(self._owners)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
-        model = state.model
         self._names = {
             module: name
-            for name, module in match_named_modules(model, self.targets, self.ignore)
+            for name, module in match_named_modules(state.model, self.targets, self.ignore)
             if isinstance(module, torch.nn.Linear)
         }
-        if not self._names:
-            raise DSnoTConfigError(
-                f"DSnoTModifier targets {self.targets} (ignore {self.ignore}) match no "
-                "Linear layer of the model; set targets to layer classes or names of it, "
-                "such as ['Linear'] or ['re:.*self_attn.*']"
-            )
-        modifiers = list(active_session().lifecycle.recipe.modifiers)
-        here = next((i for i, m in enumerate(modifiers) if m is self), len(modifiers))
-        self._pruners = [m for m in modifiers[:here] if isinstance(m, SparsityModifierBase)]
-        later = [type(m).__name__ for m in modifiers[here + 1 :] if isinstance(m, SparsityModifierBase)]
-        if self.initial is not None and (self._pruners or later):
-            names = [type(m).__name__ for m in self._pruners] + later
-            raise DSnoTConfigError(
-                f"DSnoTModifier has initial: {self.initial}, so it prunes by itself, but the "
-                f"recipe also prunes with {names}. Remove `initial` and `sparsity` to refine "
-                "that pruner's masks, or remove the pruner"
-            )
-        if self.initial is None and not self._pruners:
-            where = f"it comes before {later}" if later else "no pruner comes before it"
-            raise DSnoTConfigError(
-                f"DSnoTModifier refines the masks of an earlier pruner, but {where}: {_FIX_ORDER}"
-            )
-        if self.mask_structure is not None:
-            for pruner in self._pruners:
-                theirs = parse_mask_structure(getattr(pruner, "mask_structure", None))
-                if theirs != self._nm:
-                    raise DSnoTConfigError(
-                        f"DSnoTModifier has mask_structure {self.mask_structure!r} but "
-                        f"{type(pruner).__name__} prunes with {pruner.mask_structure!r}; "
-                        "make them agree, or leave DSnoTModifier's unset to read it from "
-                        "the zeros"
-                    )
-        # quantizers: every modifier acts on a layer at its own step of the layer's epoch
-        # end, in recipe order. GPTQ after DSnoT spreads each column's rounding error
-        # over the later columns, pruned weights included: DSnoT's zeros would not survive
-        from llmcompressor.modifiers.gptq import GPTQModifier
-        from llmcompressor.modifiers.quantization import QuantizationMixin
-
-        gptq = [type(m).__name__ for m in modifiers[here + 1 :] if isinstance(m, GPTQModifier)]
-        if gptq:
-            raise DSnoTConfigError(
-                f"{gptq[0]} comes after DSnoTModifier, but GPTQ in llm-compressor does not "
-                "keep zero weights zero (its error feedback rewrites pruned weights), so "
-                "the sparsity DSnoT leaves would be lost. Quantize with QuantizationModifier "
-                "instead (e.g. scheme: W8A8, FP8_DYNAMIC or W4A16; it rounds each weight "
-                "alone and keeps zeros), after DSnoTModifier"
-            )
-        early = [type(m).__name__ for m in modifiers[:here] if isinstance(m, QuantizationMixin)]
-        if early:
-            logger.warning(
-                f"{early} comes before DSnoTModifier in the recipe: its weight scales (and "
-                "GPTQ's rounding) are fixed before DSnoT swaps weights, so the weights DSnoT "
-                "regrows are quantized with scales that never saw them. Put "
-                "QuantizationModifier after DSnoTModifier"
-            )
+        check_targets(self._names, self.targets, self.ignore)
+        self._pruners = check_recipe(self, active_session().lifecycle.recipe.modifiers)
         self._report = DSnoTReport(params=self._params())
         # hooks from the start (not at calibration start), so that a pruner calibrating
         # in a pass of its own is caught at its first forward, before it prunes anything
@@ -333,25 +235,14 @@ class DSnoTModifier(Modifier):
             self.register_hook(module, self.calibrate_module, "forward")
         return True
 
-    def _check_same_pass(self):
-        running = active_session().lifecycle.recipe.modifiers
-        if not any(m is self for m in running):
-            others = [type(m).__name__ for m in running]
-            raise DSnoTConfigError(
-                f"{others} calibrates in a pass of its own (oneshot's default pipeline, "
-                "'independent'): it would prune the whole model before DSnoTModifier "
-                "sees a layer, and the dense weights DSnoT needs would be gone. Run "
-                "oneshot with pipeline='sequential'"
-            )
-
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         self._peak_state_bytes = 0
         self._owners = {}
         error = None
         try:
             self._setup_distributed()
-            self._check_distributed_pruners()
-            self._check_offload_writable()
+            check_distributed_pruners(self._pruners, world_size())
+            check_offload_writable(self._names)
         except Exception as err:  # noqa: BLE001 - every rank must learn of it
             error = err
         if self._group is not None:
@@ -366,67 +257,9 @@ class DSnoTModifier(Modifier):
 
     def _setup_distributed(self):
         """Under torchrun, DSnoT's process group (collectives with a timeout)."""
-        if self._group is not None or world_size() < 2:
-            return
-        self._group = RankGroup(self.dist_timeout)
-        self._loads = [0.0] * self._group.world_size
-        logger.info(
-            f"DSnoT: distributed over {self._group.world_size} ranks (this is rank "
-            f"{self._group.rank}); statistics are summed over the ranks, each layer is "
-            "refined by one rank and broadcast"
-        )
-        if self._group.world_size > len(self._names):
-            logger.warning(
-                f"DSnoT: {self._group.world_size} ranks but only {len(self._names)} target "
-                "layers: some ranks will refine nothing (they still calibrate their share "
-                "of the data)"
-            )
-
-    def _check_distributed_pruners(self):
-        if world_size() < 2 or not self._pruners:
-            return
-        names = sorted({type(m).__name__ for m in self._pruners})
-        raise DSnoTConfigError(
-            f"{names} prune each rank's layers from that rank's share of the calibration "
-            "data only: llm-compressor 0.14 does not synchronise them across ranks, so "
-            f"under torchrun ({world_size()} ranks) their masks would differ between ranks "
-            "(and, the model being in memory shared by the ranks, the ranks would overwrite "
-            f"each other's masks) before DSnoT sees them. Instead, {_FIX_DISTRIBUTED}"
-        )
-
-    def _check_offload_writable(self):
-        """DSnoT (and a pruner before it) write weights offloaded to disk in place."""
-        dirs: dict[str, list[str]] = {}
-        for module, name in self._names.items():
-            cache = module._parameters
-            if isinstance(cache, DiskCache):
-                dirs.setdefault(str(cache.offload_dir), []).append(name)
-        for directory, names in dirs.items():
-            try:
-                with tempfile.NamedTemporaryFile(dir=directory, prefix=".dsnot-probe-"):
-                    pass
-            except OSError as err:
-                raise DSnoTConfigError(
-                    f"{len(names)} target layers (e.g. {names[0]}) are offloaded to disk in "
-                    f"{directory}, which cannot be written ({err.strerror or err}); the pruned "
-                    "weights are written there. Make the directory writable, or load the "
-                    "model with a writable offload_folder (from_pretrained(..., "
-                    "offload_folder=...)) on a disk with room for the model"
-                ) from None
-
-    def _snapshot(self, module: torch.nn.Module) -> torch.Tensor:
-        """A copy of the layer's dense weight, where ``snapshot_device`` says."""
-        weight = module.weight.detach()
-        device = weight.device
-        if self.snapshot_device == "cpu":
-            device = torch.device("cpu")
-        elif self.snapshot_device == "auto":
-            offloaded = get_offloaded_device(module)
-            if offloaded == "disk":
-                device = torch.device("cpu")
-            elif offloaded is not None and torch.device(offloaded) != weight.device:
-                device = torch.device(offloaded)
-        return weight.to(device, copy=True)
+        if self._group is None and world_size() > 1:
+            self._group = make_group(self.dist_timeout, len(self._names))
+            self._loads = [0.0] * self._group.world_size
 
     def _new_stats(self, module: torch.nn.Module, num_columns: int) -> InputStats:
         return InputStats(
@@ -442,245 +275,81 @@ class DSnoTModifier(Modifier):
     def calibrate_module(self, module: torch.nn.Module, args: tuple, _output: torch.Tensor):
         """Forward hook: snapshot the dense weight once, accumulate input statistics."""
         inp = args[0]
-        if module not in self._dense:
-            self._check_same_pass()
-            self._dense[module] = self._snapshot(module)
+        layer = self._layers.get(module)
+        if layer is None:
+            check_same_pass(self, active_session().lifecycle.recipe.modifiers)
+            layer = self._layers[module] = LayerState(dense=snapshot_weight(module, self.snapshot_device))
             self._track_state()
-        if module not in self._stats:
-            last = self._last_input() if self._last_input is not None else None
-            if last is inp and self._last_stats.num_columns == inp.shape[-1]:
+        if layer.stats is None:
+            if self._last is not None and self._last.same_input(inp):
                 # same input tensor as the layer before (q/k/v, gate/up): share
-                self._stats[module] = self._last_stats
+                layer.stats = self._last.stats
                 return
-            self._stats[module] = self._new_stats(module, inp.shape[-1])
-            self._leaders.add(module)
+            layer.stats, layer.leader = self._new_stats(module, inp.shape[-1]), True
             self._track_state()
-        if module in self._leaders:
+        if layer.leader:
             if not bool(torch.isfinite(inp).all()):
                 # before the pruner touches this layer (it prunes at the epoch's end)
-                self._stats[module].update(inp)
-                self._stats[module].check_finite(self._names[module])
-            self._stats[module].update(inp)
-            self._last_input = weakref.ref(inp)
-            self._last_stats = self._stats[module]
+                layer.stats.update(inp)
+                layer.stats.check_finite(self._names[module])
+            layer.stats.update(inp)
+            layer.input = weakref.ref(inp)
+            self._last = layer
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        self._last_input = self._last_stats = None
-        if self._group is None and world_size() > 1:
-            self._setup_distributed()  # outside a pipeline that started calibration
-        if self._group is not None:
-            self._epoch_end_distributed()
+        self._last = None
+        self._setup_distributed()  # if outside a pipeline that started calibration
+        if self._group is None:
+            for module in list(self._layers):
+                layer = self._layers.pop(module)
+                report = self._refine(module, layer.dense, layer.stats)
+                del layer
+                if report is not None:
+                    self._report.layers.append(report)
+                    logger.info("DSnoT " + report.line())
             return
-        for module in list(self._dense):
-            dense = self._dense.pop(module)
-            stats = self._stats.pop(module)
-            self._leaders.discard(module)
-            with torch.no_grad(), align_module_device(module):
-                layer = self._refine_layer(module, dense, stats)
-            del dense, stats
-            if layer is not None:
-                self._report.layers.append(layer)
-                logger.info("DSnoT " + layer.line())
+        results = refine_across_ranks(
+            self._group, self._layers, self._names, self._refine, self._new_stats,
+            objective=self.objective, loads=self._loads, refine_all=self.initial is not None,
+            first=not self._owners, track=self._track_state,
+        )
+        for name, (report, owner) in results.items():
+            self._owners[name] = owner
+            self._report.layers.append(report)
+            if owner == self._group.rank:
+                logger.info(f"DSnoT (rank {self._group.rank}) " + report.line())
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
-        self._dense.clear()
-        self._stats.clear()
-        self._leaders.clear()
+        self._layers.clear()
+        self._last = None
         if self._group is not None:
             self._group.destroy()
             self._group = None
         if not self._report.layers:
             raise DSnoTConfigError(
                 "DSnoTModifier refined no layer: none of its target layers was pruned by "
-                f"an earlier modifier during calibration; {_FIX_ORDER}"
+                f"an earlier modifier during calibration; {FIX_ORDER}"
             )
         logger.info(self._report.summary_line())
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self.remove_hooks()
         if state.model is not None and self._report is not None and self._report.layers:
-            _attach_report(state.model, self._report)
+            attach_report(state.model, self._report)
         return True
 
-    # --------------------------------------------------------------- distributed
-
-    def _epoch_end_distributed(self):
-        """
-        The subgraph's refinement spread over the ranks (every rank calls the same
-        collectives in the same order; a failure on one rank reaches all of them):
-
-        1. every rank describes the layers it calibrated (digests of the dense
-           snapshot, of the current weight and of its zero mask); all must agree;
-        2. the layers to refine go to the ranks, greedy by cost, balance carried over
-           from the subgraphs before, each to a rank that calibrated it;
-        3. the statistics are summed over the ranks (all_reduce, one per group of
-           layers sharing an input);
-        4. each rank refines its layers and writes them; failures are shared;
-        5. the owners broadcast the refined weights, the others write them in;
-        6. all ranks check they hold the same refined weights.
-        """
-        group = self._group
-        by_name = {name: module for module, name in self._names.items()}
-        local = self._describe_layers()
-        gathered = group.all_gather_object(local, "comparing the layers the ranks calibrated")
-        layers, seen_by = self._agreed_layers(gathered)
-        if not self._owners and gathered[0] and all(
-            [e["inputs"] for e in summary] == [e["inputs"] for e in gathered[0]]
-            for summary in gathered
-        ):
-            logger.warning(
-                f"DSnoT: all {group.world_size} ranks calibrated on exactly the same inputs, "
-                "so the run uses 1/world_size of the samples asked for. llm-compressor 0.14 "
-                "hands every rank the same first samples when all ranks pass the same "
-                "dataset: pass each rank its own shard instead (e.g. dataset[start:end] with "
-                "start, end = n*rank//world, n*(rank+1)//world)"
-            )
-        # the statistics of every group of layers sharing an input (empty if this rank
-        # never ran it: it adds zeros to the sum)
-        group_stats: dict[str, InputStats] = {}
-        for name, entry in layers.items():
-            module = by_name[name]
-            if module not in self._stats:
-                if entry["leader"] not in group_stats:
-                    group_stats[entry["leader"]] = self._new_stats(module, entry["columns"])
-                self._stats[module] = group_stats[entry["leader"]]
-            group_stats.setdefault(entry["leader"], self._stats[module])
-        self._track_state()
-        todo = [name for name, entry in layers.items() if entry["pruned"] or self.initial]
-        costs = {name: self._cost(layers[name]) for name in todo}
-        owners = assign_layers(costs, self._loads, allowed=seen_by)
-        mine = [name for name in todo if owners[name] == group.rank]
-        logger.debug(f"DSnoT rank {group.rank} refines {mine or 'no layer of this subgraph'}")
-        needed = {layers[name]["leader"] for name in todo}
-        for leader, stats in group_stats.items():
-            if leader in needed:
-                group.run(f"summing the statistics of {leader}", stats.all_reduce_, group.group)
-        kept = {layers[name]["leader"] for name in mine}
-        group_stats = {leader: s for leader, s in group_stats.items() if leader in kept}
-        dense = {by_name[name]: self._dense[by_name[name]] for name in mine}
-        self._dense.clear()
-        self._stats.clear()
-        self._leaders.clear()
-
-        reports, error = {}, None
-        for name in mine:
-            module = by_name[name]
-            try:
-                with torch.no_grad(), align_module_device(module):
-                    reports[name] = self._refine_layer(
-                        module, dense.pop(module), group_stats[layers[name]["leader"]]
-                    )
-            except Exception as err:  # noqa: BLE001 - shared with the other ranks below
-                error = err
-                break
-        dense.clear()
-        group_stats.clear()
-        group.agree(error, "refining its layers")
-        for gathered in group.all_gather_object(reports, "sharing the layer reports"):
-            reports.update(gathered)
-
-        written = [name for name in todo if reports.get(name) is not None]
-        for name in written:
-            self._receive_or_send(by_name[name], name, owners[name])
-        digests = {}
-        for name in written:
-            with align_module_device(by_name[name]):
-                digests[name] = tensor_digest(by_name[name].weight)
-        gathered = group.all_gather_object(digests, "comparing the refined weights")
-        differ = [name for name in written if len({g[name] for g in gathered}) > 1]
-        if differ:
-            raise DSnoTDistributedError(
-                f"after DSnoT the ranks hold different weights of {differ}: the broadcast "
-                "of the refined weights did not reach every rank's copy of the model. "
-                "Please report this with the way the model was loaded and offloaded"
-            )
-        for name in written:
-            layer = reports[name]
-            self._owners[name] = owners[name]
-            self._report.layers.append(layer)
-            if owners[name] == group.rank:
-                logger.info(f"DSnoT (rank {group.rank}) " + layer.line())
-
-    def _describe_layers(self) -> list[dict]:
-        """This rank's view of the layers it calibrated in this subgraph, in forward order."""
-        leaders: dict[int, str] = {}
-        summary = []
-        for module, dense in self._dense.items():
-            stats = self._stats[module]
-            with torch.no_grad(), align_module_device(module):
-                current = module.weight.detach()
-                summary.append(dict(
-                    name=self._names[module],
-                    leader=leaders.setdefault(id(stats), self._names[module]),
-                    shape=list(dense.shape),
-                    columns=stats.num_columns,
-                    dense=tensor_digest(dense),
-                    current=tensor_digest(current),
-                    mask=mask_digest(current),
-                    pruned=bool(((current == 0) & (dense.to(current.device) != 0)).any()),
-                    inputs=_stats_digest(stats),
-                ))
-        return summary
-
-    def _agreed_layers(self, gathered: list[list[dict]]) -> tuple[dict, dict]:
-        """
-        The union of the layers the ranks calibrated (rank 0's order first) and the
-        ranks that calibrated each; raises on every rank alike if two ranks saw
-        different weights, masks or statistics sharing for a layer.
-        """
-        layers: dict[str, dict] = {}
-        seen_by: dict[str, list[int]] = {}
-        differences = []
-        for rank, summary in enumerate(gathered):
-            for entry in summary:
-                name = entry["name"]
-                if name not in layers:
-                    layers[name], seen_by[name] = entry, [rank]
-                    continue
-                first = seen_by[name][0]
-                seen_by[name].append(rank)
-                for key in ("shape", "leader", "dense", "mask", "current"):
-                    if entry[key] != layers[name][key]:
-                        differences.append((key, name, first, rank))
-                        break
-        if not differences:
-            return layers, seen_by
-        key, name, first, rank = differences[0]
-        where = f"{len(differences)} layer(s), e.g. {name} on ranks {first} and {rank}"
-        if key == "mask":
-            raise DSnoTConfigError(
-                f"the ranks hold different pruning masks before DSnoT refines them ({where}): "
-                "the masks were made on each rank from its own share of the data. Instead, "
-                + _FIX_DISTRIBUTED
-            )
-        if key in ("dense", "current"):
-            raise DSnoTConfigError(
-                f"the ranks hold different weights ({where}): every rank must load the same "
-                "model (compressed_tensors.offload.load_offloaded_model shares rank 0's) and "
-                "no other modifier may change them differently on different ranks"
-            )
-        raise DSnoTDistributedError(
-            f"the ranks ran the layers differently ({key} differs for {where}); run the "
-            "same model and recipe on every rank"
-        )
-
-    def _cost(self, entry: dict) -> float:
-        rows, cols = entry["shape"]
-        return float(rows) * cols * (cols if self.objective == "gram" else 1)
-
-    def _receive_or_send(self, module: torch.nn.Module, name: str, owner: int):
-        group = self._group
-        with torch.no_grad(), align_module_device(module):
-            weight = module.weight.detach()
-            if group.rank == owner:
-                group.broadcast_(weight.contiguous(), owner, f"broadcasting {name}")
-                return
-            buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            group.broadcast_(buffer, owner, f"receiving {name} from rank {owner}")
-            receive_weight(module, buffer)
-
     # ------------------------------------------------------------------ the work
+
+    def _refine(
+        self, module: torch.nn.Module, dense: torch.Tensor, stats: InputStats
+    ) -> LayerReport | None:
+        """Refine one layer on its execution device, timed as llm-compressor's modifiers are."""
+        with torch.no_grad(), align_module_device(module), CompressionLogger(module) as log:
+            layer = self._refine_layer(module, dense, stats)
+            if layer is not None:
+                log.set_results(name="DSnoT", loss=layer.error_after)
+        return layer
 
     def _refine_layer(
         self, module: torch.nn.Module, dense: torch.Tensor, stats: InputStats
@@ -718,40 +387,12 @@ class DSnoTModifier(Modifier):
             var_power=self.var_power,
             sign_check=self.sign_check,
             chunk_rows=self.chunk_rows,
-            **self._statistics(stats),
+            **stats.for_objective(self.objective, self.variance),
         )
         seconds = time.perf_counter() - start
-        self._write_weight(module, name, result.weight)
-        zeros = int((result.weight == 0).sum())
-        return LayerReport(
-            name=name,
-            shape=list(result.weight.shape),
-            structure=format_structure(nm),
-            objective=self.objective,
-            initial=origin,
-            zeros=zeros,
-            sparsity=zeros / result.weight.numel(),
-            swaps=result.swaps,
-            rows_changed=result.rows_changed,
-            error_before=result.error_before,
-            error_after=result.error_after,
-            seconds=seconds,
-        )
-
-    def _write_weight(self, module: torch.nn.Module, name: str, weight: torch.Tensor):
-        try:
-            update_offload_parameter(module, "weight", weight)
-        except OSError as err:
-            where = getattr(module._parameters, "offload_dir", None)
-            fix = (
-                f"it is offloaded to disk in {where}: make that directory writable, with room "
-                "for the model, or load the model with another offload_folder"
-                if where is not None
-                else "check the memory or disk the model is offloaded to"
-            )
-            raise DSnoTConfigError(
-                f"writing the refined weight of {name} failed ({err}); {fix}"
-            ) from err
+        write_weight(module, name, result.weight)
+        return LayerReport.of(result, name=name, structure=format_structure(nm),
+                              objective=self.objective, initial=origin, seconds=seconds)
 
     def _structure(self, name: str, current: torch.Tensor, dense: torch.Tensor):
         if self.mask_structure is None:
@@ -762,49 +403,5 @@ class DSnoTModifier(Modifier):
             raise DSnoTConfigError(str(err)) from None
         return self._nm
 
-    def _statistics(self, stats: InputStats) -> dict:
-        if self.objective == "gram":
-            return {"gram": stats.gram()}
-        return {"mean": stats.mean(), "var": stats.var(self.variance), "sqnorm": stats.sqnorm()}
-
     def _params(self) -> dict:
-        return self.model_dump(
-            include={
-                "objective", "max_cycles", "threshold", "var_power", "variance",
-                "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore",
-            }
-        )
-
-
-def _stats_digest(stats: InputStats) -> str:
-    """A digest of a layer's input statistics (equal on two ranks iff same inputs)."""
-    return "|".join(tensor_digest(t) for t in stats.tensors())
-
-
-def _attach_report(model: torch.nn.Module, report: DSnoTReport):
-    """
-    Make ``model.save_pretrained(dir)`` also write ``dsnot_report.json`` into ``dir``
-    (wrapping whatever ``save_pretrained`` the model has, llm-compressor's included).
-    A second DSnoT run on the same model replaces the report. Outside oneshot (whose
-    pre-processing wraps ``save_pretrained`` first) nothing is wrapped: the report is
-    ``DSnoTModifier.report`` and ``report.save(dir)`` writes it.
-    """
-    save = model.save_pretrained
-    if getattr(save, "_dsnot_report", None) is not None:
-        save._dsnot_report[0] = report
-        return
-    if not getattr(save, "_overridden", False):
-        logger.info("DSnoT: save the report with DSnoTModifier.report.save(directory)")
-        return
-    holder = [report]
-
-    def save_pretrained_with_dsnot_report(save_directory, *args, **kwargs):
-        result = save(save_directory, *args, **kwargs)
-        if is_source_process():  # under torchrun, rank 0 writes (as it saves the model)
-            path = holder[0].save(save_directory)
-            logger.info(f"DSnoT report written to {path}")
-        return result
-
-    save_pretrained_with_dsnot_report._dsnot_report = holder
-    save_pretrained_with_dsnot_report._overridden = True
-    model.save_pretrained = save_pretrained_with_dsnot_report
+        return self.model_dump(include=_REPORTED)

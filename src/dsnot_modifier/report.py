@@ -1,7 +1,8 @@
 """
 The per-layer report of a DSnoT run: swaps made, error before and after, and
 the structure kept; as Python objects, as log lines, and as JSON next to a
-saved checkpoint.
+saved checkpoint (written atomically, and by ``model.save_pretrained`` once
+:func:`attach_report` has hooked it).
 """
 
 from __future__ import annotations
@@ -11,7 +12,17 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["LayerReport", "DSnoTReport", "REPORT_FILE_NAME"]
+import torch
+from loguru import logger
+
+__all__ = [
+    "LayerReport",
+    "DSnoTReport",
+    "REPORT_FILE_NAME",
+    "attach_report",
+    "read_report",
+    "write_json",
+]
 
 REPORT_FILE_NAME = "dsnot_report.json"
 
@@ -49,6 +60,27 @@ class LayerReport:
     error_before: float
     error_after: float
     seconds: float
+
+    @classmethod
+    def of(cls, result, *, name: str, structure: str, objective: str, initial: str,
+           seconds: float) -> "LayerReport":
+        """The report of a layer refined into ``result`` (a :class:`~dsnot_modifier.swaps.RefineResult`)."""
+        weight = result.weight
+        zeros = int((weight == 0).sum())
+        return cls(
+            name=name,
+            shape=list(weight.shape),
+            structure=structure,
+            objective=objective,
+            initial=initial,
+            zeros=zeros,
+            sparsity=zeros / weight.numel(),
+            swaps=result.swaps,
+            rows_changed=result.rows_changed,
+            error_before=result.error_before,
+            error_after=result.error_after,
+            seconds=seconds,
+        )
 
     @property
     def error_change(self) -> float:
@@ -102,16 +134,82 @@ class DSnoTReport:
     def save(self, directory: str | os.PathLike) -> str:
         """Write ``dsnot_report.json`` into ``directory`` (atomically) and return its path."""
         path = os.path.join(directory, REPORT_FILE_NAME)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".dsnot_report.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DSnoTReport":
-        if os.path.isdir(path):
-            path = os.path.join(path, REPORT_FILE_NAME)
-        with open(path) as f:
-            data = json.load(f)
+        """The report at ``path`` (the JSON file, or the directory that holds it)."""
+        data = read_report(path)
         return cls(params=data["params"], layers=[LayerReport(**x) for x in data["layers"]])
+
+
+def write_json(path: str | os.PathLike, data) -> str:
+    """Write ``data`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return str(path)
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """
+    The JSON of a DSnoT report: ``path`` is the file or the directory holding it.
+
+    :raises FileNotFoundError: if there is no report there
+    :raises ValueError: if it is not JSON, or not a report (``layers``, each with at
+        least ``name``, ``shape``, ``structure`` and ``zeros``); the message names
+        the error found
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, REPORT_FILE_NAME)
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+        for layer in data["layers"]:
+            for key in ("name", "shape", "structure", "zeros"):
+                layer[key]  # noqa: B018  (must be there)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+    return data
+
+
+def attach_report(model: torch.nn.Module, report: DSnoTReport):
+    """
+    Make ``model.save_pretrained(dir)`` also write ``dsnot_report.json`` into ``dir``
+    (wrapping whatever ``save_pretrained`` the model has, llm-compressor's included).
+    A second DSnoT run on the same model replaces the report. Outside oneshot (whose
+    pre-processing wraps ``save_pretrained`` first, marking it ``_overridden``)
+    nothing is wrapped: the report is ``DSnoTModifier.report`` and
+    ``report.save(dir)`` writes it.
+    """
+    from compressed_tensors.distributed import is_source_process
+
+    save = model.save_pretrained
+    if getattr(save, "_dsnot_report", None) is not None:
+        save._dsnot_report[0] = report
+        return
+    if not getattr(save, "_overridden", False):
+        logger.info("DSnoT: save the report with DSnoTModifier.report.save(directory)")
+        return
+    holder = [report]
+
+    def save_pretrained_with_dsnot_report(save_directory, *args, **kwargs):
+        result = save(save_directory, *args, **kwargs)
+        if is_source_process():  # under torchrun, rank 0 writes (as it saves the model)
+            path = holder[0].save(save_directory)
+            logger.info(f"DSnoT report written to {path}")
+        return result
+
+    save_pretrained_with_dsnot_report._dsnot_report = holder
+    save_pretrained_with_dsnot_report._overridden = True
+    model.save_pretrained = save_pretrained_with_dsnot_report

@@ -8,12 +8,17 @@ adding their fields. Plain torch; nothing here imports llm-compressor.
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+from typing import Literal, get_args
+
 import torch
 
-__all__ = ["InputStats", "NonFiniteStatisticsError", "VARIANCE_KINDS"]
+__all__ = ["InputStats", "LayerState", "NonFiniteStatisticsError", "Variance", "VARIANCE_KINDS"]
 
 #: how the variance of an input column is defined, see :meth:`InputStats.var`
-VARIANCE_KINDS = ("per_sequence", "global")
+Variance = Literal["per_sequence", "global"]
+VARIANCE_KINDS: tuple[str, ...] = get_args(Variance)
 
 
 class NonFiniteStatisticsError(ValueError):
@@ -158,6 +163,12 @@ class InputStats:
             raise ValueError("these statistics were made without the Gram matrix")
         return self.gram_sum / self.tokens
 
+    def for_objective(self, objective: str, variance: str = "per_sequence") -> dict:
+        """The statistics an objective refines with, as keywords of ``refine_mask``."""
+        if objective == "gram":
+            return {"gram": self.gram()}
+        return {"mean": self.mean(), "var": self.var(variance), "sqnorm": self.sqnorm()}
+
     def check_finite(self, name: str = "layer"):
         """:raises NonFiniteStatisticsError: if any statistic is NaN or inf"""
         for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
@@ -169,3 +180,27 @@ class InputStats:
                     "(float16 overflows in many LLMs), and check the calibration data "
                     "and the layers before this one"
                 )
+
+
+@dataclass
+class LayerState:
+    """
+    What DSnoT holds for one layer between its first forward and its refinement.
+
+    :param dense: the layer's dense weight, copied at its first forward
+    :param stats: the statistics of its inputs (one object for the layers that
+        read the same input tensor)
+    :param leader: this layer accumulates ``stats`` (the first of the layers sharing it)
+    :param input: the last input the leader accumulated (a weak reference), so that
+        the next layer can tell whether it reads the same tensor
+    """
+
+    dense: torch.Tensor | None = None
+    stats: InputStats | None = None
+    leader: bool = False
+    input: weakref.ref | None = None
+
+    def same_input(self, inp: torch.Tensor) -> bool:
+        """``inp`` is the very tensor this leader accumulated last, of as many columns."""
+        last = self.input() if self.input is not None else None
+        return last is inp and self.stats.num_columns == inp.shape[-1]

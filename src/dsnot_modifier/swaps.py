@@ -3,7 +3,7 @@ DSnoT's swap machinery in plain torch: refine a pruning mask by swapping pruned
 weights back in for kept ones, row by row, so that every row (and, for N:M, every
 block of M input columns) keeps its number of zeros exactly.
 
-Two objectives share the machinery (see the package README and DSNOT.md):
+Two objectives share the machinery (see docs/algorithm.md):
 
 - ``mean``: the paper's rule. It steers the expected error of each row,
   ``r_i = Σ_c (W_ic − Wc_ic)·mean_c``: grow the pruned weight with the largest
@@ -31,19 +31,32 @@ weight's dtype. Kept values are never changed and a regrown weight gets its
 dense value, so the result holds only values of the two inputs, exactly.
 The loop syncs with the host once per cycle (to stop when no row is active),
 and making the ``mean`` lists once per chunk (to settle ties, see
-:func:`_fix_ties`). On CPU the number of threads is capped for small layers and
+:func:`fix_ties`). On CPU the number of threads is capped for small layers and
 for the ``gram`` cycles (see ``ELEMENTS_PER_THREAD``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
+from dsnot_modifier._kernels import (
+    ELEMENTS_PER_THREAD,
+    INF,
+    argmin_rows,
+    at_most_threads,
+    block_columns,
+    first_k,
+    fix_ties,
+    or_inf,
+    take,
+    threads,
+)
+
 __all__ = [
+    "Objective",
     "OBJECTIVES",
     "DEFAULT_THRESHOLD",
     "RefineResult",
@@ -52,7 +65,9 @@ __all__ = [
     "gram_error",
 ]
 
-OBJECTIVES = ("gram", "mean")
+#: what a swap lowers: the exact squared output error, or the paper's mean error
+Objective = Literal["gram", "mean"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 #: The paper stops a row at |r| <= 0.1 with r summed over 2048-token sequences;
 #: r here is a per-token mean, so the same point is 0.1 / 2048.
@@ -69,22 +84,10 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 GRAM_CHUNK_ELEMENTS = 1 << 20
 GRAM_CHUNK_MIN_ROWS = 256
 
-#: on CPU, at most one intra-op thread per this many weights: of the layer for the
-#: whole refinement, of the chunk for its cycles. A refinement is hundreds of
-#: operations of a millisecond or so; threads barely speed those up, and slow them
-#: down badly when the cores are shared (each parallel region waits for a core)
-ELEMENTS_PER_THREAD = 1 << 22
-
-#: parts the columns are split into by the two-stage top-k (:func:`_topk_rows`)
-_TOPK_PARTS = 8
-
-#: column block sizes tried by the row minimum (:func:`_argmin_rows`)
-_ARGMIN_BLOCKS = (64, 32, 128, 256, 16)
-
 #: the cycles drop the rows that stopped once the active ones are at most this share
 _COMPACT_AT = 0.5
 
-_INF = float("inf")
+
 
 
 @dataclass
@@ -118,161 +121,8 @@ def gram_error(dense: torch.Tensor, current: torch.Tensor, gram: torch.Tensor) -
     return ((e @ gram.double()) * e).sum(1)
 
 
-@contextlib.contextmanager
-def _threads(n: int | None, at_most: bool = False):
-    """
-    Run with ``n`` intra-op threads (None: as set); with ``at_most``, only ever fewer. The
-    matrix products run with the caller's threads (``_threads(caller's count)``): BLAS's
-    rounding depends on the thread count, and results must not depend on the caps.
-    """
-    before = torch.get_num_threads()
-    if n is None or n == before or (at_most and n > before):
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _at_most_threads(n: int | None):
-    """Run with at most ``n`` intra-op threads (None: as set)."""
-    return _threads(n, at_most=True)
-
-
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
-
-
-def _block_columns(g: torch.Tensor, m: int) -> torch.Tensor:
-    """Columns of the N:M block that holds column ``g`` of each row: ``[rows, m]``."""
-    return (g // m * m).unsqueeze(1) + torch.arange(m, device=g.device)
-
-
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[i, idx[i]]`` for every row i."""
-    return x.gather(1, idx.unsqueeze(1)).squeeze(1)
-
-
-def _argmin_rows(x: torch.Tensor) -> torch.Tensor:
-    """
-    ``x.argmin(1)`` for a contiguous ``[rows, cols]`` tensor (the first minimum of
-    every row), in two steps that vectorise on CPU where argmin does not: the
-    minimum of every block of columns, then the first block that holds the row's
-    minimum, then the first minimum inside that block. Same result, NaN included.
-    """
-    rows, cols = x.shape
-    for size in _ARGMIN_BLOCKS:
-        if cols % size == 0 and cols >= 2 * size:
-            break
-    else:
-        return x.argmin(1)
-    blocks = x.view(rows, cols // size, size)
-    block = blocks.amin(2).argmin(1)
-    inner = blocks.gather(1, block.view(rows, 1, 1).expand(rows, 1, size)).squeeze(1)
-    return block * size + inner.argmin(1)
-
-
-_BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
-
-
-def _or_inf(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """
-    ``torch.where(keep, x, inf)`` for ``x >= +0`` (no NaN, no -0.0), exactly, in a
-    fraction of its time on CPU: the bit patterns of non-negative floats order as
-    integers, so the result is the integer maximum of ``x``'s bits and those of +inf
-    where ``keep`` is false (0 where it is true).
-    """
-    if x.dtype not in _BITS:
-        return torch.where(keep, x, _INF)
-    itype, inf_bits = _BITS[x.dtype]
-    penalty = torch.logical_not(keep).to(itype).mul_(inf_bits)
-    return torch.maximum(x.view(itype), penalty).view(x.dtype)
-
-
-def _sorted_rows(key: torch.Tensor, largest: bool, low_first):
-    """
-    Every row of ``key`` sorted (descending if ``largest``), ties by index (lower first
-    if ``low_first``, a bool or one bool per row): values and indices ``[rows, cols]``.
-    """
-    if isinstance(low_first, torch.Tensor):
-        values = torch.empty_like(key)
-        order = torch.empty(key.shape, dtype=torch.long, device=key.device)
-        for flag in (True, False):
-            rows = (low_first == flag).nonzero().squeeze(1)
-            if rows.numel():
-                values[rows], order[rows] = _sorted_rows(key[rows], largest, flag)
-        return values, order
-    if low_first:
-        return torch.sort(key, dim=1, descending=largest, stable=True)
-    values, order = torch.sort(key.flip(1), dim=1, descending=largest, stable=True)
-    return values, (key.shape[1] - 1) - order
-
-
-def _topk_rows(key: torch.Tensor, k: int, largest: bool):
-    """
-    ``torch.topk(key, k, dim=1, largest=largest)``: the k best entries of every row
-    (values sorted, ties in any order). Wide rows go in two stages, cheaper on CPU:
-    cut each row into ``_TOPK_PARTS`` runs of W consecutive columns; group j holds
-    the j-th column of every run, and its best entry is an elementwise max over the
-    runs. Take the k best groups, then the k best of their entries. That finds the
-    same values: an entry outside those groups is no better than k entries inside
-    them (their groups' best), so it can at most tie with the k-th value.
-    """
-    rows, cols = key.shape
-    parts = _TOPK_PARTS
-    if cols % parts or cols // parts < 4 * k or not key.is_contiguous():
-        return torch.topk(key, k, dim=1, largest=largest)
-    width = cols // parts
-    split = key.view(rows, parts, width)
-    best = split.amax(1) if largest else split.amin(1)  # [rows, width]
-    chosen = torch.topk(best, k, dim=1, largest=largest, sorted=False).indices
-    columns = (chosen.unsqueeze(2) + width * torch.arange(parts, device=key.device)).view(rows, -1)
-    values, order = torch.topk(key.gather(1, columns), k, dim=1, largest=largest)
-    return values, columns.gather(1, order)
-
-
-def _first_k(key: torch.Tensor, k: int, largest: bool, low_first):
-    """
-    The first ``k`` entries of :func:`_sorted_rows` (all of them if ``k`` reaches the
-    width), from a top-k instead of a full sort: values, indices ``[rows, min(k, cols)]``
-    and the rows where the top-k cannot decide them (a tie across the k-th place:
-    those rows must be sorted in full, see :func:`_fix_ties`).
-    """
-    rows, cols = key.shape
-    if k >= cols:
-        values, order = _sorted_rows(key, largest, low_first)
-        return values, order, torch.zeros(rows, dtype=torch.bool, device=key.device)
-    values, order = _topk_rows(key, k + 1, largest)
-    # ties in any order from topk: order them by index, then (stably) by value
-    if isinstance(low_first, torch.Tensor):
-        perm = torch.sort(torch.where(low_first.unsqueeze(1), order, -order), dim=1).indices
-        order = order.gather(1, perm)
-    else:
-        order, perm = torch.sort(order, dim=1, descending=not low_first)
-    values, perm = torch.sort(values.gather(1, perm), dim=1, descending=largest, stable=True)
-    order = order.gather(1, perm)
-    tied = values[:, k - 1] == values[:, k]
-    return values[:, :k], order[:, :k], tied
-
-
-def _fix_ties(tied: torch.Tensor, lists):
-    """
-    Redo, with full stable sorts, the rows ``tied`` of candidate lists made by
-    :func:`_first_k`: ``lists`` holds ``(key, largest, low_first, values, indices)``.
-    One host sync for all the lists.
-    """
-    rows = tied.nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return
-    for key, largest, low_first, values, order in lists:
-        k = values.shape[1]
-        if isinstance(low_first, torch.Tensor):
-            low_first = low_first[rows]
-        v, o = _sorted_rows(key[rows], largest, low_first)
-        values[rows] = v[:, :k]
-        order[rows] = o[:, :k]
 
 
 class _Objective:
@@ -335,7 +185,7 @@ class _MeanObjective(_Objective):
         # the rows of `target` (the result) still refined
         self.rows = torch.arange(first_row, first_row + rows, device=device)
         pruned = wc == 0
-        with _threads(product_threads):
+        with threads(product_threads):
             self.r = (w - wc) @ mean
         k = max(1, min(max_cycles, cols))
         # grow list: pruned weights by W·mean/var^p, largest first; the positive ones
@@ -352,13 +202,13 @@ class _MeanObjective(_Objective):
             # one end per row: the back of a row is the front of its negated keys
             pos = self.r > 0
             grow_key.mul_(torch.where(pos, 1.0, -1.0).to(grow_key.dtype).unsqueeze(1))
-            grow_v, grow_i, tied = _first_k(grow_key, k, largest=True, low_first=pos)
+            grow_v, grow_i, tied = first_k(grow_key, k, largest=True, low_first=pos)
             tied &= grow_v[:, -1] > 0  # a tie matters only inside the walked part
             lists = [(grow_key, True, pos, grow_v, grow_i)]
             grow_ok = grow_v > 0
         else:
-            front_v, front_i, tied = _first_k(grow_key, k, largest=True, low_first=True)
-            back_v, back_i, tied_back = _first_k(grow_key, k, largest=False, low_first=False)
+            front_v, front_i, tied = first_k(grow_key, k, largest=True, low_first=True)
+            back_v, back_i, tied_back = first_k(grow_key, k, largest=False, low_first=False)
             tied = (tied & (front_v[:, -1] > 0)) | (tied_back & (back_v[:, -1] < 0))
             lists = [(grow_key, True, True, front_v, front_i),
                      (grow_key, False, False, back_v, back_i)]
@@ -370,30 +220,30 @@ class _MeanObjective(_Objective):
             v = wc * mean
             if sign_check:
                 v.mul_(torch.where(pos, 1.0, -1.0).to(v.dtype).unsqueeze(1))
-                key = _or_inf(v < 0, score)
+                key = or_inf(v < 0, score)
                 del v, score
-                prune_v, prune_i, tied_prune = _first_k(key, k, largest=False, low_first=~pos)
-                tied |= tied_prune & (prune_v[:, -1] < _INF)
+                prune_v, prune_i, tied_prune = first_k(key, k, largest=False, low_first=~pos)
+                tied |= tied_prune & (prune_v[:, -1] < INF)
                 lists.append((key, False, ~pos, prune_v, prune_i))
             else:
-                key_neg = _or_inf(v < 0, score)
-                key_pos = _or_inf(v > 0, score)
+                key_neg = or_inf(v < 0, score)
+                key_pos = or_inf(v > 0, score)
                 del v, score
-                neg_v, neg_i, tied_neg = _first_k(key_neg, k, largest=False, low_first=False)
-                pos_v, pos_i, tied_pos = _first_k(key_pos, k, largest=False, low_first=True)
-                tied |= (tied_neg & (neg_v[:, -1] < _INF)) | (tied_pos & (pos_v[:, -1] < _INF))
+                neg_v, neg_i, tied_neg = first_k(key_neg, k, largest=False, low_first=False)
+                pos_v, pos_i, tied_pos = first_k(key_pos, k, largest=False, low_first=True)
+                tied |= (tied_neg & (neg_v[:, -1] < INF)) | (tied_pos & (pos_v[:, -1] < INF))
                 lists += [(key_neg, False, False, neg_v, neg_i),
                           (key_pos, False, True, pos_v, pos_i)]
-            _fix_ties(tied, lists)
+            fix_ties(tied, lists)
             del lists
             if sign_check:
-                prune_ok = prune_v < _INF
+                prune_ok = prune_v < INF
             else:
-                prune_ok = torch.cat([neg_v, pos_v], 1) < _INF
+                prune_ok = torch.cat([neg_v, pos_v], 1) < INF
                 prune_i = torch.cat([neg_i, pos_i], 1)
             self.prune = (prune_ok, prune_i, wc.gather(1, prune_i))
         else:
-            _fix_ties(tied, lists)
+            fix_ties(tied, lists)
             del lists
         del grow_key
         if not sign_check:
@@ -409,7 +259,7 @@ class _MeanObjective(_Objective):
             block = grow_i // m  # [rows, 2k] (or [rows, k])
             columns = (block.unsqueeze(2) * m + torch.arange(m, device=device)).view(rows, -1)
             wc_b = wc.gather(1, columns)
-            score = wc_b.abs().mul_(score_col[columns]).masked_fill_(wc_b == 0, _INF)
+            score = wc_b.abs().mul_(score_col[columns]).masked_fill_(wc_b == 0, INF)
             self.prune = (block, score, wc_b)
         zeros = torch.zeros(rows, dtype=torch.long, device=device)
         # swaps made (one list per row), or: grow+, grow-, prune (r>0), prune (r<0)
@@ -450,23 +300,23 @@ class _MeanObjective(_Objective):
             if self.nm is None:
                 at, p_inside = self._slot(pos, qn, qp)
         valid, cols, values = self.grow
-        g_ok = _take(valid, slot) & inside
-        g = _take(cols, slot)
-        w_g = _take(values, slot)
+        g_ok = take(valid, slot) & inside
+        g = take(cols, slot)
+        w_g = take(values, slot)
         if self.nm is None:
             valid, cols, values = self.prune
-            p_ok = _take(valid, at) & p_inside
-            p = _take(cols, at)
-            wc_p = _take(values, at)
+            p_ok = take(valid, at) & p_inside
+            p = take(cols, at)
+            wc_p = take(values, at)
         else:
             m = self.nm[1]
             block, score, wc_b = self.prune
             at = slot.unsqueeze(1) * m + torch.arange(m, device=slot.device)
             s = score.gather(1, at)
             best = s.argmin(1)
-            p = _take(block, slot) * m + best
-            p_ok = torch.isfinite(_take(s, best))
-            wc_p = _take(wc_b, _take(at, best))
+            p = take(block, slot) * m + best
+            p_ok = torch.isfinite(take(s, best))
+            wc_p = take(wc_b, take(at, best))
         r_new = r - w_g * mean[g] + wc_p * mean[p]
         ok = g_ok & p_ok & (r.abs() > self.threshold) & (r_new.abs() < r.abs())
         if self.sign_check:
@@ -497,7 +347,7 @@ class _MeanObjective(_Objective):
             at = ((idx * width).unsqueeze(1) + torch.arange(0, width, m, device=p.device)
                   + (p % m).unsqueeze(1))
             flat = score.view(-1)
-            flat[at] = torch.where(same, _INF, flat[at])
+            flat[at] = torch.where(same, INF, flat[at])
 
     def row_error(self):
         return self.r.abs()
@@ -521,7 +371,7 @@ class _GramObjective(_Objective):
         self.h, self.h_diag = gram, h_diag
         self.rtol = rtol
         self.e = w - wc
-        with _threads(product_threads):
+        with threads(product_threads):
             u = self.e @ gram
         self.loss = (self.e * u).sum(1)
         self.u2 = u.mul_(2)
@@ -531,8 +381,8 @@ class _GramObjective(_Objective):
         # candidates carry +inf, added to their score (an add is much faster on CPU
         # than a masked fill)
         zero = torch.zeros((), dtype=w.dtype, device=w.device)
-        self.grow_penalty = torch.where((wc != 0) | (w == 0), _INF, zero)
-        self.prune_penalty = torch.where(wc == 0, _INF, zero)
+        self.grow_penalty = torch.where((wc != 0) | (w == 0), INF, zero)
+        self.prune_penalty = torch.where(wc == 0, INF, zero)
         self._scratch = torch.empty_like(w)  # d_grow, d_prune, then the update of u
         self._rows_h = torch.empty_like(w)  # rows g of H
         self.total = self.h_g = None
@@ -543,27 +393,27 @@ class _GramObjective(_Objective):
         # growing g (e_g -> 0): dL = e_g (e_g H_gg - 2 u_g)
         d = torch.sub(self.ehd, self.u2, out=self._scratch[:rows])
         d_grow = torch.addcmul(self.grow_penalty, d, e, out=d)
-        g = _argmin_rows(d_grow)
-        d_g = _take(d_grow, g)
-        delta_g2 = _take(e, g).mul_(-2)  # 2·delta_g, exact
+        g = argmin_rows(d_grow)
+        d_g = take(d_grow, g)
+        delta_g2 = take(e, g).mul_(-2)  # 2·delta_g, exact
         # pruning p (e_p -> e_p + Wc_p) after growing g:
         # dL = Wc_p (2 (u_p + delta_g H_gp) + Wc_p H_pp)
         if self.nm is None:
             h_g = torch.index_select(self.h, 0, g, out=self._rows_h[:rows])  # H symmetric
             d = torch.addcmul(self.u2, h_g, delta_g2.unsqueeze(1), out=d).addcmul_(wc, h_diag)
             d_prune = torch.addcmul(self.prune_penalty, d, wc, out=d)
-            p = _argmin_rows(d_prune)
-            total = d_g + _take(d_prune, p)
+            p = argmin_rows(d_prune)
+            total = d_g + take(d_prune, p)
         else:
             h_g = None  # rows of H gathered in apply, for the rows that swap
-            cols = _block_columns(g, self.nm[1])
+            cols = block_columns(g, self.nm[1])
             wc_p = wc.gather(1, cols)
             d = torch.addcmul(self.u2.gather(1, cols), self.h[g.unsqueeze(1), cols],
                               delta_g2.unsqueeze(1)).addcmul_(wc_p, h_diag[cols])
             d_prune = torch.addcmul(self.prune_penalty.gather(1, cols), d, wc_p)
             best = d_prune.argmin(1)
-            p = _take(cols, best)
-            total = d_g + _take(d_prune, best)
+            p = take(cols, best)
+            total = d_g + take(d_prune, best)
         ok = total < -self.rtol * self.loss.clamp_min(0)
         self.total, self.h_g = total, h_g
         return g, p, ok
@@ -593,8 +443,8 @@ class _GramObjective(_Objective):
         ehd[at_g] = zero * self.h_diag[g]
         ehd[at_p] = w_p * self.h_diag[p]
         self.loss[idx] += self.total[idx]
-        self.grow_penalty.view(-1)[at_g] = _INF
-        self.prune_penalty.view(-1)[at_p] = _INF
+        self.grow_penalty.view(-1)[at_g] = INF
+        self.prune_penalty.view(-1)[at_p] = INF
         wc[at_g] = w_g
         wc[at_p] = zero
 
@@ -705,7 +555,7 @@ def refine_mask(
         # mean: the cycles work on [rows, 2·max_cycles] lists, a few % of the weight
         cycle_threads = 1 if objective == "mean" else max(
             1, min(chunk_rows, rows) * cols // ELEMENTS_PER_THREAD)
-    with _at_most_threads(layer_threads):
+    with at_most_threads(layer_threads):
         return _refine(dense, current, objective, nm, options, chunk_rows, max_cycles,
                        cycle_threads)
 
@@ -743,7 +593,7 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, cycl
         before += state.row_error().double().sum()
         live = torch.arange(start, stop, device=device)  # the rows still in `state`
         active = torch.ones(stop - start, dtype=torch.bool, device=device)
-        with _at_most_threads(cycle_threads):
+        with at_most_threads(cycle_threads):
             for cycle in range(max_cycles):
                 g, p, ok = state.propose()
                 ok &= active

@@ -33,6 +33,12 @@ import time
 
 import torch
 
+from dsnot_modifier.experiments.pipeline import layer_sparsity, linear_layers
+from dsnot_modifier.masks import initial_mask, parse_sparsity
+from dsnot_modifier.report import write_json
+from dsnot_modifier.stats import VARIANCE_KINDS
+from dsnot_modifier.swaps import OBJECTIVES
+
 __all__ = [
     "METHODS",
     "SPARSITIES",
@@ -51,37 +57,6 @@ METHODS = ("dense", "magnitude", "wanda", "wanda+dsnot", "sparsegpt", "sparsegpt
 SPARSITIES = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
 _DENSE_SPARSITY = "0"
 
-#: DSnoTModifier fields that `dsnot bench` passes through
-DSNOT_OPTIONS = ("objective", "max_cycles", "threshold", "var_power", "variance", "sign_check", "targets")
-
-
-def parse_sparsity(text: str) -> tuple[float, tuple[int, int] | None]:
-    """``"0.6"`` -> (0.6, None); ``"2:4"`` -> (0.5, (2, 4)); anything else is an error."""
-    text = text.strip()
-    if ":" in text:
-        try:
-            n, m = (int(x) for x in text.split(":"))
-        except ValueError:
-            raise ValueError(f"sparsity {text!r}: write N:M as two integers, e.g. 2:4") from None
-        if not 0 < n < m:
-            raise ValueError(f"sparsity {text!r}: N:M needs 0 < N < M, e.g. 2:4")
-        return n / m, (n, m)
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"sparsity {text!r}: give a fraction such as 0.6 or N:M such as 2:4") from None
-    if not 0 < value < 1:
-        raise ValueError(f"sparsity {text!r}: a fraction must lie strictly between 0 and 1")
-    return value, None
-
-
-def _linear_layers(model: torch.nn.Module, ignore: str = "lm_head"):
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and ignore not in name
-    ]
-
 
 @torch.no_grad()
 def magnitude_prune(model: torch.nn.Module, sparsity: str) -> None:
@@ -89,10 +64,8 @@ def magnitude_prune(model: torch.nn.Module, sparsity: str) -> None:
     Plain magnitude pruning of every decoder Linear layer (``lm_head`` kept):
     the smallest |W| of the whole layer for a fraction, of every block for N:M.
     """
-    from dsnot_modifier.masks import initial_mask
-
     fraction, nm = parse_sparsity(sparsity)
-    for _, module in _linear_layers(model):
+    for _, module in linear_layers(model):
         mask = initial_mask(module.weight, fraction, nm, "magnitude")
         module.weight.masked_fill_(mask, 0)
 
@@ -145,9 +118,9 @@ def _dsnot_params(spec: dict) -> dict:
 
 def run_row(spec: dict) -> dict:
     """One (method, sparsity) in this process: prune, evaluate, measure. See the module doc."""
-    from dsnot_modifier.data import calibration_windows, eval_windows
-    from dsnot_modifier.evaluate import perplexity
-    from dsnot_modifier.pipeline import load_model, load_tokenizer, make_recipe, run_oneshot
+    from dsnot_modifier.experiments.data import calibration_windows, eval_windows
+    from dsnot_modifier.experiments.evaluate import perplexity
+    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer, make_recipe, run_oneshot
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -175,18 +148,14 @@ def run_row(spec: dict) -> dict:
     recon = 0.0
     if method != "dense":
         reference = load_model(path)
-        dense = {name: m.weight.detach().clone() for name, m in _linear_layers(reference)}
+        dense = {name: m.weight.detach().clone() for name, m in linear_layers(reference)}
         del reference
         recon = reconstruction_error(model, dense, calib[: spec["recon_windows"]])
-    zeros = total = 0
-    for _, module in _linear_layers(model):
-        zeros += int((module.weight == 0).sum())
-        total += module.weight.numel()
     params = {
         "calib_texts": list(spec["calib_texts"]), "calib_samples": spec["calib_samples"],
         "seq_len": spec["seq_len"], "eval_windows": spec["eval_windows"], "seed": spec.get("seed", 0),
         "recon_windows": spec["recon_windows"], "threads": torch.get_num_threads(),
-        "layer_sparsity": zeros / max(total, 1),
+        "layer_sparsity": layer_sparsity(model),
     }
     if dsnot:
         params["dsnot"] = dsnot
@@ -220,7 +189,7 @@ def _run_in_subprocess(spec: dict) -> dict:
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.run([sys.executable, "-m", "dsnot_modifier.bench", "--worker", spec_path, out_path],
+        proc = subprocess.run([sys.executable, "-m", "dsnot_modifier.experiments.bench", "--worker", spec_path, out_path],
                               env=env)
         if proc.returncode != 0 or not os.path.exists(out_path):
             raise RuntimeError(
@@ -229,13 +198,6 @@ def _run_in_subprocess(spec: dict) -> dict:
             )
         with open(out_path) as f:
             return json.load(f)
-
-
-def _write_json(path: str, rows: list[dict]):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=2)
-    os.replace(tmp, path)
 
 
 def bench(
@@ -263,8 +225,8 @@ def bench(
     ``isolate=False`` runs the rows in this process (faster to start, but then
     ``peak_rss_mb`` is this process's peak so far, not the row's own).
     """
-    from dsnot_modifier.data import CALIBRATION_TEXTS, EVAL_TEXT, TEXTS
-    from dsnot_modifier.models import resolve_model
+    from dsnot_modifier.experiments.data import CALIBRATION_TEXTS, EVAL_TEXT, TEXTS
+    from dsnot_modifier.experiments.models import resolve_model
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -310,7 +272,7 @@ def bench(
               f"oneshot {row['time_s']['oneshot']:.0f}s, DSnoT {row['time_s']['dsnot']:.1f}s "
               f"({time.perf_counter() - started:.0f}s in all)", flush=True)
         if json_path:
-            _write_json(json_path, rows)
+            write_json(json_path, rows)
     print("")
     print(format_table(rows), flush=True)
     if plot_path:
@@ -432,11 +394,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--in-process", action="store_true",
                    help="run every row in this process (faster start; peak_rss_mb is then cumulative)")
     d = p.add_argument_group("DSnoT parameters (default: DSnoTModifier's)")
-    d.add_argument("--objective", choices=("gram", "mean"), default=None)
+    d.add_argument("--objective", choices=OBJECTIVES, default=None)
     d.add_argument("--max-cycles", type=int, default=None)
     d.add_argument("--threshold", type=float, default=None)
     d.add_argument("--var-power", type=float, default=None)
-    d.add_argument("--variance", choices=("per_sequence", "global"), default=None)
+    d.add_argument("--variance", choices=VARIANCE_KINDS, default=None)
     d.add_argument("--sign-check", type=_bool_or_auto, default=None, help="on, off or auto")
     d.add_argument("--dsnot-targets", type=_split, default=None,
                    help="layers DSnoT refines, comma-separated (e.g. 're:.*self_attn.*' for attention only)")
@@ -481,9 +443,7 @@ def _worker(spec_path: str, out_path: str) -> int:
     _die_with_parent()
     with open(spec_path) as f:
         spec = json.load(f)
-    row = _finish_row(run_row(spec))
-    with open(out_path, "w") as f:
-        json.dump(row, f)
+    write_json(out_path, _finish_row(run_row(spec)))
     return 0
 
 
@@ -491,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return _worker(argv[1], argv[2])
-    parser = argparse.ArgumentParser(prog="python -m dsnot_modifier.bench")
+    parser = argparse.ArgumentParser(prog="python -m dsnot_modifier.experiments.bench")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(["bench", *argv]))
 

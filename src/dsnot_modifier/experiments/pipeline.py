@@ -22,6 +22,7 @@ __all__ = [
     "run_oneshot",
     "OneshotRun",
     "quiet_llmcompressor",
+    "linear_layers",
     "layer_sparsity",
 ]
 
@@ -58,12 +59,10 @@ def make_recipe(method: str, sparsity: str, **dsnot_params) -> list:
 
     from dsnot_modifier import DSnoTModifier
 
-    nm = ":" in sparsity
-    if nm:
-        n, m = (int(x) for x in sparsity.split(":"))
-        fraction, structure = n / m, sparsity
-    else:
-        fraction, structure = float(sparsity), "0:0"
+    from dsnot_modifier.masks import parse_sparsity
+
+    fraction, nm = parse_sparsity(sparsity)
+    structure = "0:0" if nm is None else f"{nm[0]}:{nm[1]}"
     common = dict(targets=["Linear"], ignore=["re:.*lm_head"])
     pruners = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}
     base, _, extra = method.partition("+")
@@ -146,11 +145,19 @@ def run_oneshot(path: str, recipe: list, windows: torch.Tensor, verbose: bool = 
     return OneshotRun(model=model, seconds=seconds, dsnot_seconds=dsnot_seconds, report=report)
 
 
+def linear_layers(model: torch.nn.Module, ignore: str = "lm_head") -> list:
+    """``(name, module)`` of the decoder's Linear layers (``lm_head`` left out)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and ignore not in name
+    ]
+
+
 def layer_sparsity(model: torch.nn.Module, ignore: str = "lm_head") -> float:
     """Fraction of zeros over the Linear layers of the decoder (``lm_head`` left out)."""
     zeros = total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ignore not in name:
-            zeros += int((module.weight == 0).sum())
-            total += module.weight.numel()
+    for _, module in linear_layers(model, ignore):
+        zeros += int((module.weight == 0).sum())
+        total += module.weight.numel()
     return zeros / max(total, 1)

@@ -7,7 +7,6 @@ lm-evaluation-harness installed) zero-shot tasks.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 
@@ -65,7 +64,7 @@ def text_perplexity(
     ``seq_len − 1`` tokens; with ``bos`` the tokenizer's BOS token is put before
     each window and all ``seq_len`` of its tokens are scored.
     """
-    from dsnot_modifier.data import eval_windows
+    from dsnot_modifier.experiments.data import eval_windows
 
     ids = eval_windows(tokenizer, text, windows, seq_len)
     if bos:
@@ -117,8 +116,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from dsnot_modifier.data import EVAL_TEXT
-    from dsnot_modifier.pipeline import load_model, load_tokenizer
+    from dsnot_modifier.experiments.data import EVAL_TEXT
+    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,6 +137,7 @@ def run(args) -> int:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
             print(f"{task}: {shown}", flush=True)
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(out, f, indent=2)
+        from dsnot_modifier.report import write_json
+
+        write_json(args.json_path, out)
     return 0

@@ -5,15 +5,17 @@ The ``dsnot`` command.
   by default) with Wanda, then with Wanda + DSnoT for each objective, and print
   the held-out perplexity of each next to the dense model's.
 
-Other subcommands live in modules of their own, each with ``add_parser(sub)``
-and ``run(args) -> int`` (see ``_SUBCOMMANDS``).
+- ``dsnot verify PATH``: check a saved checkpoint against its ``dsnot_report.json``
+  (:func:`dsnot_modifier.checkpoint.verify_checkpoint`).
+
+Other subcommands (``bench``, ``eval``) live in modules of their own, each with
+``add_parser(sub)`` and ``run(args) -> int`` (see ``_SUBCOMMANDS``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import sys
@@ -40,11 +42,12 @@ def main_job(
     verbose: bool = False,
 ) -> list[dict]:
     """Run the main job; print a table; return its rows (and write them as JSON)."""
-    from dsnot_modifier.data import CALIBRATION_TEXTS, EVAL_TEXT, calibration_windows
-    from dsnot_modifier.data import eval_windows as make_eval_windows
-    from dsnot_modifier.evaluate import perplexity
-    from dsnot_modifier.models import resolve_model
-    from dsnot_modifier.pipeline import layer_sparsity, load_model, load_tokenizer, make_recipe, run_oneshot
+    from dsnot_modifier.experiments.data import CALIBRATION_TEXTS, EVAL_TEXT, calibration_windows
+    from dsnot_modifier.experiments.data import eval_windows as make_eval_windows
+    from dsnot_modifier.experiments.evaluate import perplexity
+    from dsnot_modifier.experiments.models import resolve_model
+    from dsnot_modifier.report import write_json
+    from dsnot_modifier.experiments.pipeline import layer_sparsity, load_model, load_tokenizer, make_recipe, run_oneshot
 
     if threads:
         torch.set_num_threads(threads)
@@ -97,16 +100,45 @@ def main_job(
             "eval_windows": int(evals.shape[0]), "threads": torch.get_num_threads(),
             "machine": platform.platform(), "date": time.strftime("%Y-%m-%d"),
         }
-        with open(json_path, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        write_json(json_path, {"meta": meta, "rows": rows})
     return rows
+
+
+def add_verify_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "verify",
+        help="check a saved checkpoint's zeros and N:M structure against its dsnot_report.json",
+        description=(
+            "Read the safetensors weights of a saved checkpoint (dense, or quantized by "
+            "llm-compressor in the compressed-tensors format), print every DSnoT layer's "
+            "sparsity and N:M structure, and exit 1 if they are not what dsnot_report.json "
+            "states (2 if the checkpoint or its report cannot be read)."
+        ),
+    )
+    parser.add_argument("path", help="checkpoint directory")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the result as JSON here")
+    return parser
+
+
+def run_verify(args) -> int:
+    from dsnot_modifier.checkpoint import CheckpointError, verify_checkpoint
+    from dsnot_modifier.report import write_json
+
+    try:
+        result = verify_checkpoint(args.path)
+    except CheckpointError as err:
+        print(f"dsnot verify: {err}", file=sys.stderr, flush=True)
+        return 2
+    _print(result.table())
+    if args.json_path:
+        write_json(args.json_path, result.to_dict())
+    return 0 if result.ok else 1
 
 
 #: subcommands implemented elsewhere: name -> module with add_parser(sub) and run(args)
 _SUBCOMMANDS: dict[str, str] = {
-    "bench": "dsnot_modifier.bench",
-    "eval": "dsnot_modifier.evaluate",
-    "verify": "dsnot_modifier.checkpoint",
+    "bench": "dsnot_modifier.experiments.bench",
+    "eval": "dsnot_modifier.experiments.evaluate",
 }
 
 
@@ -127,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="keep llm-compressor's logs and bars")
     for module in _SUBCOMMANDS.values():
         importlib.import_module(module).add_parser(sub)
+    add_verify_parser(sub)
     return parser
 
 
@@ -141,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads, json_path=args.json_path, verbose=args.verbose,
         )
         return 0
+    if args.command == "verify":
+        return run_verify(args)
     return int(importlib.import_module(_SUBCOMMANDS[args.command]).run(args) or 0)
 
 
