@@ -136,9 +136,10 @@ def test_dense_checkpoint_reloads_exactly_with_report_and_recipe(dense_checkpoin
     assert "WandaPruningModifier" in recipe and "DSnoTModifier" in recipe
     report = json.loads((out / "dsnot_report.json").read_text())
     assert len(report["layers"]) == 14
+    assert [layer["swaps"] for layer in report["layers"]] == [layer.swaps for layer in dsnot.report.layers]
     for layer in report["layers"]:
         assert layer["structure"] == "2:4" and layer["sparsity"] == 0.5
-        assert layer["swaps"] >= 0 and layer["error_after"] < layer["error_before"]
+        assert layer["swaps"] > 0 and layer["error_after"] < layer["error_before"]
     in_memory = {n: m.weight.detach() for n, m in model.named_modules()
                  if isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
     assert_reloads_exactly(out, in_memory)

@@ -329,11 +329,14 @@ def test_ranks_agree_with_each_other_and_with_one_process(ranks, single, scenari
     # every rank ends with the same weights, bit for bit
     for name, weight in first["weights"].items():
         assert torch.equal(weight, second["weights"][name]), name
-    # ... and with what one process gets from all the windows
+    # ... and with what one process gets from all the windows, bit for bit on this model
+    # (the README's claim; on a real model a near-tie flipped by the order of the float
+    # sums over ranks may make a few mask entries differ, see the README)
     ref = single[reference]
     fraction, worst = closeness(first["weights"], ref["weights"])
-    print(f"{scenario}: {fraction:.2e} of mask entries differ, max |dw| = {worst:.2e}")
-    assert fraction <= 1e-3 and worst <= 0.1, (fraction, worst)
+    assert (fraction, worst) == (0.0, 0.0), (fraction, worst)
+    for name, weight in first["weights"].items():
+        assert torch.equal(weight, ref["weights"][name]), name
     # each layer refined by exactly one rank, reported in the same order everywhere
     assert first["layers"] == second["layers"] == ref["layers"]
     assert set(first["owners"]) == set(ref["layers"]) and first["owners"] == second["owners"]
