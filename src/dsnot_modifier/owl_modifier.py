@@ -284,7 +284,8 @@ class OWLModifier(Modifier):
             )
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
-            for entry in self._sqnorm.values():  # every rank the same statistics, same sparsities
+            for name in linears:  # every rank the same statistics (same order), same sparsities
+                entry = self._sqnorm[name]
                 counts = torch.tensor([float(entry[1])], dtype=torch.float64, device=entry[0].device)
                 torch.distributed.all_reduce(entry[0])
                 torch.distributed.all_reduce(counts)
