@@ -29,6 +29,8 @@ import torch
 __all__ = [
     "OWLError",
     "outlier_ratio",
+    "score_sum",
+    "count_above",
     "owl_offsets",
     "owl_sparsities",
     "max_lambda",
@@ -57,6 +59,19 @@ def _score_chunks(weights: Sequence[torch.Tensor], sqnorms: Sequence[torch.Tenso
             yield weight[start : start + rows].to(torch.float32).abs() * scale
 
 
+def score_sum(weight: torch.Tensor, sqnorm: torch.Tensor) -> tuple[float, int]:
+    """The sum of one Linear weight's Wanda scores ``|W_ij|·sqrt(sqnorm_j)``, and their number."""
+    total = 0.0
+    for scores in _score_chunks([weight], [sqnorm]):
+        total += float(scores.sum(dtype=torch.float64))
+    return total, weight.numel()
+
+
+def count_above(weight: torch.Tensor, sqnorm: torch.Tensor, threshold: float) -> int:
+    """How many of one Linear weight's Wanda scores are above ``threshold``."""
+    return sum(int((scores > threshold).sum()) for scores in _score_chunks([weight], [sqnorm]))
+
+
 def outlier_ratio(
     weights: Sequence[torch.Tensor], sqnorms: Sequence[torch.Tensor], m: float
 ) -> float:
@@ -64,19 +79,17 @@ def outlier_ratio(
     OWL's D of one decoder layer: the share of all the entries of ``weights`` (the
     layer's pruned Linear weights, ``[rows, cols]`` each) whose Wanda score
     ``|W_ij|·sqrt(sqnorms[k][j])`` is above ``m`` times the mean score over all of them.
+    Weights may also be callables returning the weight (one Linear in memory at a time).
     """
     if m <= 0:
         raise OWLError(f"OWL's M must be > 0 (e.g. 5), got {m}")
-    total = 0.0
-    count = 0
-    for scores in _score_chunks(weights, sqnorms):
-        total += float(scores.sum(dtype=torch.float64))
-        count += scores.numel()
+    get = [w if callable(w) else (lambda w=w: w) for w in weights]
+    sums = [score_sum(g(), s) for g, s in zip(get, sqnorms)]
+    count = sum(n for _, n in sums)
     if count == 0:
         raise ValueError("outlier_ratio: no weight given")
-    threshold = m * (total / count)
-    above = sum(int((scores > threshold).sum()) for scores in _score_chunks(weights, sqnorms))
-    return above / count
+    threshold = m * (sum(t for t, _ in sums) / count)
+    return sum(count_above(g(), s, threshold) for g, s in zip(get, sqnorms)) / count
 
 
 def _unit_offsets(ratios: Sequence[float], sizes: Sequence[float] | None) -> list[float]:

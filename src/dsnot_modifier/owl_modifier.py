@@ -5,6 +5,8 @@ OWLModifier: OWL's layer-wise sparsity for the pruners that follow it in a recip
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from compressed_tensors.offload import get_execution_device
 from compressed_tensors.utils import align_module_device, match_named_modules, match_targets
@@ -196,8 +198,8 @@ class OWLModifier(Modifier):
             )
         plans = [self._plan(model, pruner, decoder) for pruner in self._pruners]
         modules = dict(model.named_modules())
-        linears = sorted({n for plan in plans for unit in plan for n in unit[2]},
-                         key=list(modules).index)
+        order = {name: i for i, name in enumerate(modules)}
+        linears = sorted({n for plan in plans for unit in plan for n in unit[2]}, key=order.__getitem__)
         self._dense_pass(model, {n: modules[n] for n in linears}, state.data.calib)
         layers: dict[str, list[str]] = {}
         for name in linears:
@@ -205,14 +207,10 @@ class OWLModifier(Modifier):
             if layer is not None:
                 layers.setdefault(layer, []).append(name)
         for layer, names in layers.items():
-            weights, sqnorms = [], []
-            for name in names:
-                with align_module_device(modules[name]):
-                    weights.append(modules[name].weight.detach().clone())
-                sums, tokens = self._sqnorm[name]
-                sqnorms.append(sums / max(tokens, 1))
+            # one Linear weight at a time, onloaded only while it is scored
+            weights = [functools.partial(_weight, modules[name]) for name in names]
+            sqnorms = [self._sqnorm[name][0] / max(self._sqnorm[name][1], 1) for name in names]
             self._ratios[layer] = outlier_ratio(weights, sqnorms, self.m)
-            del weights
         self._sqnorm.clear()
         if len(self._ratios) < 2:
             logger.warning(f"OWL: {len(self._ratios)} decoder layer(s) to prune: the sparsity stays uniform")
@@ -333,6 +331,12 @@ class OWLModifier(Modifier):
                 pruner.sparsity = value
         self._written = []
         return True
+
+
+def _weight(module: torch.nn.Module) -> torch.Tensor:
+    """A copy of the module's weight on its execution device (onloaded only for the copy)."""
+    with align_module_device(module):
+        return module.weight.detach().clone()
 
 
 def _is_pruner(modifier: Modifier) -> bool:
