@@ -266,7 +266,9 @@ class OWLModifier(Modifier):
             return accumulate
 
         handles = {self.register_hook(module, hook(name), "forward") for name, module in linears.items()}
-        device = get_execution_device(model)
+        # where the first layer runs (the sequential pipeline's onload device, if set)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        device = get_execution_device(embeddings if embeddings is not None else model)
         try:
             with HooksMixin.disable_hooks(keep=handles), calibration_forward_context(model), \
                     DisableQuantization(model):
