@@ -8,7 +8,8 @@ from pydantic import ValidationError
 import reference_owl as ref
 from dsnot_modifier import DSnoTModifier, OWLError, OWLModifier
 from dsnot_modifier import owl
-from dsnot_modifier.pipeline import load_model, make_recipe
+from dsnot_modifier.pipeline import calibration_dataset, load_model, load_tokenizer, make_recipe
+from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from test_modifier import COMMON, WeightSpy, assert_untouched, dense, linears, run, run_expecting  # noqa: F401 (dense: a fixture)
 
@@ -259,3 +260,22 @@ def test_bench_owl_options_reach_the_rows(monkeypatch, capsys):
                                                             ("wanda", "2:4")]
     assert all(s["owl"] == {"m": 7.0, "lmbda": 0.05} for s in specs)
     assert "skipped (OWL is unstructured only): owl-wanda+dsnot 2:4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["cpu", "disk"])
+def test_offloaded_model_gets_the_same_owl_result(tiny_model_dir, calib_windows, tmp_path, where):
+    from test_offload import load_offloaded
+
+    def recipe():
+        return [OWLModifier(m=3, lmbda=0.1), WandaPruningModifier(sparsity=0.6, **COMMON), DSnoTModifier(**COMMON)]
+
+    in_memory = linears(run(tiny_model_dir, calib_windows, recipe()))
+    steps = recipe()
+    model = load_offloaded(tiny_model_dir, where, tmp_path / "offload")
+    oneshot(model=model, processor=load_tokenizer(tiny_model_dir), dataset=calibration_dataset(calib_windows),
+            recipe=steps, pipeline="sequential", num_calibration_samples=calib_windows.shape[0],
+            max_seq_length=calib_windows.shape[1], shuffle_calibration_samples=False)
+    got = {n: m.weight.detach().clone() for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    assert all(torch.equal(got[n], w) for n, w in in_memory.items())
+    assert len({round(float((w == 0).float().mean()), 2) for w in got.values()}) > 1
