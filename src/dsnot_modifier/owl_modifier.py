@@ -214,8 +214,15 @@ class OWLModifier(Modifier):
         self._sqnorm.clear()
         if len(self._ratios) < 2:
             logger.warning(f"OWL: {len(self._ratios)} decoder layer(s) to prune: the sparsity stays uniform")
-        for index, (pruner, plan) in enumerate(zip(self._pruners, plans)):
-            self._hand_over(pruner, plan, modules, key=type(pruner).__name__ + (f"#{index + 1}" if index else ""))
+        # every pruner's values first (any error leaves the pruners as they were), then hand over
+        values = [self._values(pruner, plan, modules, key=type(pruner).__name__ + (f"#{i + 1}" if i else ""))
+                  for i, (pruner, plan) in enumerate(zip(self._pruners, plans))]
+        for pruner, plan, value in zip(self._pruners, plans, values):
+            self._written.append((pruner, pruner.sparsity))
+            if isinstance(pruner, DSnoTModifier):
+                pruner.set_layer_sparsities({unit: v for (unit, _, _), v in zip(plan, value)})
+            else:
+                pruner.sparsity = value
 
     def _plan(self, model, pruner: Modifier, decoder: list[str]) -> list[tuple[str, str | None, list[str]]]:
         """The pruner's units (one per entry of its sparsity list): name, decoder layer, Linear names."""
@@ -291,14 +298,15 @@ class OWLModifier(Modifier):
                 torch.distributed.all_reduce(counts)
                 entry[1] = int(counts.item())
 
-    def _hand_over(self, pruner: Modifier, plan, modules, key: str):
+    def _values(self, pruner: Modifier, plan, modules, key: str) -> list[float]:
+        """The sparsity of each of the pruner's units (its list, in the order of its targets)."""
         name = type(pruner).__name__
         target = float(pruner.sparsity)
         layers = list(self._ratios)
         sizes = {layer: 0 for layer in layers}
         for _, layer, inner in plan:
             if layer in sizes:
-                sizes[layer] += sum(modules[n].weight.numel() for n in inner)
+                sizes[layer] += sum(_rows(modules[n]) * _cols(modules[n]) for n in inner)
         pruned = [layer for layer in layers if sizes[layer] > 0]
         sparsity = dict(zip(pruned, owl_sparsities(
             [self._ratios[layer] for layer in pruned], target, self.lmbda,
@@ -308,22 +316,18 @@ class OWLModifier(Modifier):
         values = ideal
         if _per_row(pruner):
             active = [i for i, (_, _, inner) in enumerate(plan) if inner]
-            shapes = [[tuple(modules[n].weight.shape) for n in plan[i][2]] for i in active]
+            shapes = [[(_rows(modules[n]), _cols(modules[n])) for n in plan[i][2]] for i in active]
             rounded = per_row_sparsities(shapes, [ideal[i] for i in active], target)
             values = list(ideal)
             for i, value in zip(active, rounded):
                 values[i] = value
         self._layer_sparsities[key] = sparsity
-        self._written.append((pruner, pruner.sparsity))
-        if isinstance(pruner, DSnoTModifier):
-            pruner.set_layer_sparsities({unit: v for (unit, _, _), v in zip(plan, values)})
-        else:
-            pruner.sparsity = values
         spread = f"{min(sparsity.values()):.4f}..{max(sparsity.values()):.4f}" if sparsity else "uniform"
         logger.info(f"OWL (M={self.m}, lambda={self.lmbda}): {name} at {target} spread over "
                     f"{len(sparsity)} decoder layers, {spread}")
         for layer, value in sparsity.items():
             logger.debug(f"OWL {layer}: outlier ratio {self._ratios[layer]:.5f}, sparsity {value:.4f}")
+        return values
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         for pruner, value in self._written:
@@ -333,6 +337,14 @@ class OWLModifier(Modifier):
                 pruner.sparsity = value
         self._written = []
         return True
+
+
+def _rows(linear: torch.nn.Linear) -> int:
+    return linear.out_features  # not weight.shape: that would onload an offloaded weight
+
+
+def _cols(linear: torch.nn.Linear) -> int:
+    return linear.in_features
 
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
