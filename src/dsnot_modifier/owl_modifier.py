@@ -56,6 +56,11 @@ class OWLModifier(Modifier):
     llm-compressor 0.14 where ``sparsity_profile: owl`` does not), and puts their
     ``sparsity`` back at finalize, so the saved recipe is the one written.
 
+    It must come before the pruners in the recipe; a stage of its own before the
+    pruning stage works the same (llm-compressor 0.14 runs the modifiers of all the
+    stages in one calibration pass, in recipe order). The dense pass costs one
+    forward pass of the model over the calibration data.
+
     Wanda prunes ``int(cols·s)`` weights of every row: OWL's value for each layer
     is rounded per row, and a few layers get one more zero per row, so that the
     overall sparsity is the target (to within one zero per row of one layer).
