@@ -138,6 +138,11 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
         dsnot = standalone()
         return outcome(dsnot, run_oneshot(model, model_dir, shard, [dsnot])) | {"cache": kind}
 
+    def owl():  # OWL's statistics are summed over the ranks: the same layer sparsities
+        dsnot, owl_mod = standalone(), _owl()
+        model = run_oneshot(load_model(model_dir), model_dir, shard, [owl_mod, dsnot])
+        return outcome(dsnot, model) | dict(ratios=owl_mod.outlier_ratios)
+
     def one_layer():
         dsnot = standalone(targets=[ONE_LAYER], ignore=[])
         return outcome(dsnot, run_oneshot(load_model(model_dir), model_dir, shard, [dsnot]))
@@ -219,8 +224,8 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
                     weights={n: m.weight.detach().clone() for n, m in modules.items()})
 
     results = {"seconds": {"start": time.perf_counter() - started}}
-    for scenario in (gram, mean24, private, disk, one_layer, same_data, wanda, masks_differ, exchange,
-                     hang):
+    for scenario in (gram, mean24, private, disk, owl, one_layer, same_data, wanda, masks_differ,
+                     exchange, hang):
         results["seconds"][scenario.__name__] = -time.perf_counter()
         try:
             results[scenario.__name__] = scenario()
@@ -236,6 +241,12 @@ def _dsnot():
     from dsnot_modifier import DSnoTModifier
 
     return DSnoTModifier(**COMMON)
+
+
+def _owl():
+    from dsnot_modifier import OWLModifier
+
+    return OWLModifier(m=3, lmbda=0.1)
 
 
 # ------------------------------------------------------------------ the tests
@@ -266,14 +277,15 @@ def session(tiny_model_dir, calib_windows, tmp_path_factory):
         procs.append(subprocess.Popen([sys.executable, __file__, str(outdir), tiny_model_dir],
                                       env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
-        def reference(dsnot):
-            model = run_oneshot(load_model(tiny_model_dir), tiny_model_dir, calib_windows, [dsnot])
+        def reference(dsnot, *before):
+            model = run_oneshot(load_model(tiny_model_dir), tiny_model_dir, calib_windows, [*before, dsnot])
             return outcome(dsnot, model)
 
         single = {
             "gram": reference(standalone()),
             "mean24": reference(standalone("mean", "2:4")),
             "one_layer": reference(standalone(targets=[ONE_LAYER], ignore=[])),
+            "owl": reference(standalone(), _owl()),
         }
         procs[0].wait(timeout=240)
     finally:
@@ -320,7 +332,7 @@ def closeness(a: dict, b: dict) -> tuple[float, float]:
 
 @pytest.mark.parametrize("scenario,reference", [
     ("gram", "gram"), ("mean24", "mean24"), ("private", "gram"), ("disk", "gram"),
-    ("one_layer", "one_layer"),
+    ("one_layer", "one_layer"), ("owl", "owl"),
 ])
 def test_ranks_agree_with_each_other_and_with_one_process(ranks, single, scenario, reference):
     first, second = (r[scenario] for r in ranks)
@@ -341,6 +353,20 @@ def test_ranks_agree_with_each_other_and_with_one_process(ranks, single, scenari
     assert first["layers"] == second["layers"] == ref["layers"]
     assert set(first["owners"]) == set(ref["layers"]) and first["owners"] == second["owners"]
     assert first["peak"] == ref["peak"] > 0
+
+
+def test_owl_ratios_are_those_of_all_the_data(ranks, tiny_model_dir, calib_windows):
+    from dsnot_modifier.experiments.pipeline import load_model
+
+    first, second = (r["owl"] for r in ranks)
+    owl_mod = _owl()
+    run_oneshot(load_model(tiny_model_dir), tiny_model_dir, calib_windows, [owl_mod, standalone(max_cycles=0)])
+    assert first["ratios"] == second["ratios"]
+    assert first["ratios"] == pytest.approx(owl_mod.outlier_ratios, abs=2 / 36864)
+    # each rank alone (its half of the windows) would have counted other outliers
+    half = _owl()
+    run_oneshot(load_model(tiny_model_dir), tiny_model_dir, calib_windows[:4], [half, standalone(max_cycles=0)])
+    assert half.outlier_ratios != pytest.approx(owl_mod.outlier_ratios, abs=2 / 36864)
 
 
 def test_layers_are_spread_over_the_ranks(ranks):

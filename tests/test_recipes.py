@@ -26,9 +26,15 @@ def test_recipe_runs_and_keeps_its_structure(path, tiny_model_dir, calib_windows
         spec = yaml.safe_load(f)
     modifiers = next(iter(next(iter(spec.values())).values()))
     assert "DSnoTModifier" in modifiers
-    first = next(iter(modifiers.values()))
+    first = next(v for k, v in modifiers.items() if k != "OWLModifier")  # the pruner
     structure = first.get("mask_structure", "0:0")
     model = run(tiny_model_dir, calib_windows, path)
+    if "OWLModifier" in modifiers:  # per-layer sparsities (test_owl.py checks their values)
+        weights = linears(model).values()
+        overall = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+        assert overall == pytest.approx(first["sparsity"], abs=1e-3)
+        assert len({round(float((w == 0).float().mean()), 2) for w in weights}) > 1
+        return
     for name, w in linears(model).items():
         zeros = w == 0
         if structure == "0:0":

@@ -171,6 +171,7 @@ class DSnoTModifier(Modifier):
     _loads: list[float] = PrivateAttr(default_factory=list)
     _owners: dict[str, int] = PrivateAttr(default_factory=dict)
     _peak_state_bytes: int = PrivateAttr(default=0)
+    _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
 
     # ---------------------------------------------------------------- validation
 
@@ -214,6 +215,17 @@ class DSnoTModifier(Modifier):
     def peak_state_bytes(self) -> int:
         """The most bytes :attr:`state_bytes` reached during the last calibration."""
         return self._peak_state_bytes
+
+    def set_layer_sparsities(self, sparsities: dict[str, float]) -> None:
+        """
+        Standalone (``initial``) only: the sparsity of each named target layer, in
+        place of ``sparsity`` (which the layers not named keep). OWLModifier sets
+        these before calibration; an empty dict goes back to ``sparsity`` alone.
+        """
+        bad = {n: s for n, s in sparsities.items() if not 0 < s < 1}
+        if bad:
+            raise DSnoTConfigError(f"layer sparsities must lie strictly between 0 and 1, got {bad}")
+        self._layer_sparsity = dict(sparsities)
 
     @property
     def owners(self) -> dict[str, int]:
@@ -366,7 +378,8 @@ class DSnoTModifier(Modifier):
                     "that modifier's mask, or remove the other modifier"
                 )
             stats.check_finite(name)
-            mask = initial_mask(dense, self.sparsity, self._nm, self.initial, stats.sqnorm())
+            mask = initial_mask(dense, self._layer_sparsity.get(name, self.sparsity), self._nm,
+                                self.initial, stats.sqnorm())
             current = dense.masked_fill(mask, 0)
             nm, origin = self._nm, self.initial
         elif not new_zeros:

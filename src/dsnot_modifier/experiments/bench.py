@@ -53,7 +53,8 @@ __all__ = [
     "run",
 ]
 
-METHODS = ("dense", "magnitude", "wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "dsnot")
+METHODS = ("dense", "magnitude", "wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "dsnot",
+           "owl-wanda", "owl-wanda+dsnot", "owl-sparsegpt", "owl-sparsegpt+dsnot")
 SPARSITIES = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
 _DENSE_SPARSITY = "0"
 
@@ -131,6 +132,7 @@ def run_row(spec: dict) -> dict:
     evals = {text_name(name): eval_windows(tokenizer, name, spec["eval_windows"], spec["seq_len"])
              for name in spec["eval_texts"]}
     dsnot = _dsnot_params(spec) if "dsnot" in method else {}
+    owl = {k: v for k, v in (spec.get("owl") or {}).items() if v is not None} if method.startswith("owl-") else {}
     oneshot_s = dsnot_s = 0.0
     report = None
     if method == "dense":
@@ -141,7 +143,7 @@ def run_row(spec: dict) -> dict:
         magnitude_prune(model, sparsity)
         oneshot_s = time.perf_counter() - start
     else:
-        result = run_oneshot(path, make_recipe(method, sparsity, **dsnot), calib,
+        result = run_oneshot(path, make_recipe(method, sparsity, owl=owl, **dsnot), calib,
                              verbose=spec.get("verbose", False))
         model, oneshot_s, dsnot_s, report = result.model, result.seconds, result.dsnot_seconds, result.report
     ppl = {name: perplexity(model, w, desc=f"{method} {sparsity} {name}") for name, w in evals.items()}
@@ -159,6 +161,8 @@ def run_row(spec: dict) -> dict:
     }
     if dsnot:
         params["dsnot"] = dsnot
+    if owl:
+        params["owl"] = owl
     if report is not None:
         params["dsnot_summary"] = report.summary()
     if spec.get("tag"):
@@ -219,6 +223,7 @@ def bench(
     dsnot: dict | None = None,
     verbose: bool = False,
     seed: int = 0,
+    owl: dict | None = None,
 ) -> list[dict]:
     """
     Run the matrix (see the module doc); print a table; return the rows.
@@ -246,6 +251,7 @@ def bench(
         "model": path, "calib_texts": calib_texts, "calib_samples": calib_samples, "seq_len": seq_len,
         "eval_texts": eval_texts, "eval_windows": eval_windows, "recon_windows": recon_windows,
         "threads": threads, "dsnot": dsnot or {}, "tag": tag, "verbose": verbose, "seed": seed,
+        "owl": owl or {},
     }
     print(f"model: {path}", flush=True)
     print(f"calibration: {calib_samples} windows x {seq_len} tokens at random offsets (seed {seed}) of "
@@ -260,6 +266,10 @@ def bench(
     if "dense" in methods:
         plan.append(("dense", _DENSE_SPARSITY))
     plan += [(m, s) for s in sparsities for m in methods if m != "dense"]
+    skipped = [f"{m} {s}" for m, s in plan if m.startswith("owl-") and ":" in s]
+    if skipped:  # OWL spreads an unstructured sparsity; N:M fixes every block
+        print(f"skipped (OWL is unstructured only): {', '.join(skipped)}", flush=True)
+        plan = [(m, s) for m, s in plan if not (m.startswith("owl-") and ":" in s)]
     for method, sparsity in plan:
         if (method, sparsity, tag) in done:
             continue
@@ -402,6 +412,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--sign-check", type=_bool_or_auto, default=None, help="on, off or auto")
     d.add_argument("--dsnot-targets", type=_split, default=None,
                    help="layers DSnoT refines, comma-separated (e.g. 're:.*self_attn.*' for attention only)")
+    o = p.add_argument_group("OWL parameters of the owl-* methods (default: OWLModifier's)")
+    o.add_argument("--owl-m", type=float, default=None, help="OWL's M: outliers are scores above M x the layer mean")
+    o.add_argument("--owl-lambda", type=float, default=None, help="OWL's lambda: layer sparsities within S +- lambda")
     return p
 
 
@@ -417,6 +430,7 @@ def run(args) -> int:
         eval_windows=args.eval_windows, recon_windows=args.recon_windows, threads=args.threads,
         json_path=args.json_path, plot_path=args.plot_path, resume=args.resume, isolate=not args.in_process, tag=args.tag,
         dsnot={k: v for k, v in dsnot.items() if v is not None}, verbose=args.verbose, seed=args.seed,
+        owl={k: v for k, v in {"m": args.owl_m, "lmbda": args.owl_lambda}.items() if v is not None},
     )
     return 0
 

@@ -49,12 +49,19 @@ def calibration_dataset(windows: torch.Tensor):
     )
 
 
-def make_recipe(method: str, sparsity: str, **dsnot_params) -> list:
+def make_recipe(method: str, sparsity: str, owl: dict | None = None, **dsnot_params) -> list:
     """
     Modifiers for a method name: ``wanda``, ``sparsegpt``, ``wanda+dsnot``,
-    ``sparsegpt+dsnot``, ``dsnot`` (standalone, Wanda initial mask).
+    ``sparsegpt+dsnot``, ``dsnot`` (standalone, Wanda initial mask); an ``owl-``
+    prefix puts an ``OWLModifier(**owl)`` first (unstructured sparsities only).
     ``sparsity`` is a fraction (``"0.6"``) or N:M (``"2:4"``).
     """
+    if method.startswith("owl-"):
+        from dsnot_modifier.owl_modifier import OWLModifier
+
+        if ":" in sparsity:
+            raise ValueError(f"{method}: OWL is for unstructured sparsities (such as 0.7), not {sparsity}")
+        return [OWLModifier(**(owl or {}))] + make_recipe(method[4:], sparsity, **dsnot_params)
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
     from dsnot_modifier import DSnoTModifier
