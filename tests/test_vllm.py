@@ -70,6 +70,7 @@ RESULTS: dict = {"date": time.strftime("%Y-%m-%d %H:%M")}
 def _load_example(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -374,3 +375,126 @@ def test_make_checkpoints_never_writes_into_the_input_model(tiny_model_dir, tmp_
     assert sorted(p.name for p in Path(tiny_model_dir).iterdir()) == before
     with pytest.raises(SystemExit, match="unknown dtype 'float16'"):
         make.make_checkpoints(tmp_path / "x", model=tiny_model_dir, dtypes=("float16",))
+
+
+# --- the serving dtype: chosen from the checkpoint and the machine (default suite) ---------
+
+#: /proc/cpuinfo lines of three kinds of x86 CPU (flags abridged to those that matter)
+CPUINFO = {
+    "amx": "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse2 avx avx2 "
+           "avx512f avx512_vnni avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8\n",
+    "avx512": "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx avx2 avx512f "
+              "avx512_vnni avx512_bf16\n",
+    "avx2": "processor\t: 0\nmodel name\t: Intel(R) Core(TM) i7-8700\nflags\t\t: fpu sse2 avx avx2\n",
+}
+
+
+def _cpu(serve, kind: str):
+    flags, name = serve.read_cpu_flags(CPUINFO[kind])
+    return serve.Machine(device="cpu", cpu_flags=flags, cpu_name=name)  # amx from the flags
+
+
+@pytest.fixture(scope="module")
+def quantized_configs(tiny_model_dir, tmp_path_factory) -> dict:
+    """config.json of each quantized variant as make_serving_checkpoints.py writes it, and a dense one."""
+    make = _load_example("make_serving_checkpoints")
+    out = tmp_path_factory.mktemp("quantized")
+    configs = {"dense-float32": json.loads((Path(tiny_model_dir) / "config.json").read_text())}
+    for kind in ("w8a8", "fp8", "w4a16"):
+        path = make.quantize(Path(tiny_model_dir), kind, make._Target(out / kind), "test", "bfloat16")
+        configs[kind] = json.loads((path / "config.json").read_text())
+    return configs
+
+
+def test_quantized_checkpoints_name_a_16bit_activation_dtype(quantized_configs):
+    serve = _load_example("serve_vllm")
+    assert serve.saved_dtype(quantized_configs["dense-float32"]) == "float32"
+    for kind, fmt in (("w8a8", "int8"), ("fp8", "fp8"), ("w4a16", "wna16")):
+        config = quantized_configs[kind]
+        assert config["dtype"] == "bfloat16" and "torch_dtype" not in config, kind
+        assert serve.quantization_format(config) == fmt, kind
+    assert serve.quantization_format(quantized_configs["dense-float32"]) == "dense"
+
+
+def test_serving_dtype_per_format_cpu_and_gpu(quantized_configs):
+    serve = _load_example("serve_vllm")
+    old_w8a8 = quantized_configs["w8a8"] | {"dtype": "float32"}  # as this script wrote it before
+    dense_bf16 = quantized_configs["dense-float32"] | {"dtype": "bfloat16"}
+    machines = {kind: _cpu(serve, kind) for kind in CPUINFO} | {
+        f"sm{major}{minor}": serve.Machine(device="cuda", cuda_capability=(major, minor), gpu_name="GPU")
+        for major, minor in ((9, 0), (8, 0), (7, 5))
+    }
+    assert machines["amx"].has_amx and not machines["avx512"].has_amx
+    want = {  # (config, machine): dtype chosen by auto
+        "dense-float32": {"amx": "float32", "avx512": "float32", "avx2": "float32", "sm90": "float32",
+                          "sm80": "float32", "sm75": "float32"},
+        "dense-bfloat16": {"amx": "bfloat16", "avx512": "bfloat16", "avx2": "bfloat16", "sm90": "bfloat16",
+                           "sm80": "bfloat16", "sm75": "float16"},
+        "old-w8a8-float32": {"amx": "bfloat16", "avx512": "float32", "avx2": "float32", "sm90": "bfloat16",
+                             "sm80": "bfloat16", "sm75": "float16"},
+    } | {kind: {"amx": "bfloat16", "avx512": "bfloat16", "avx2": "bfloat16", "sm90": "bfloat16",
+                "sm80": "bfloat16", "sm75": "float16"} for kind in ("w8a8", "fp8", "w4a16")}
+    configs = quantized_configs | {"dense-bfloat16": dense_bf16, "old-w8a8-float32": old_w8a8}
+    got = {name: {m: serve.choose_dtype(configs[name], machines[m])[0] for m in machines} for name in want}
+    assert got == want
+    dtype, reason = serve.choose_dtype(old_w8a8, machines["amx"])
+    assert "says float32" in reason and "AMX" in reason and "int8_scaled_mm_with_quant" in reason
+    assert "bfloat16 needs compute capability 8.0" in serve.choose_dtype(configs["w8a8"], machines["sm75"])[1]
+    # what is recorded with a run: the flags that decided the kernel
+    described = machines["amx"].describe()
+    assert described["amx"] and "amx_tile" in described["cpu_flags"] and "sgl" in described["int8_kernel"]
+    assert "oneDNN" in machines["avx2"].describe()["int8_kernel"]
+    assert machines["avx2"].describe()["vllm_cpu_build"] == "_C_AVX2"
+
+
+def test_a_dtype_the_kernels_refuse_is_an_error_with_the_fix(quantized_configs):
+    serve = _load_example("serve_vllm")
+    amx, avx512 = _cpu(serve, "amx"), _cpu(serve, "avx512")
+    old_w8a8 = quantized_configs["w8a8"] | {"dtype": "float32"}
+    with pytest.raises(serve.ServingDtypeError,
+                       match=r"saved in float32\) cannot be served in float32 here: this CPU has AMX.*"
+                             r"int8_scaled_mm_with_quant.*--dtype bfloat16.*make_serving_checkpoints\.py"):
+        serve.choose_dtype(old_w8a8, amx, "float32")
+    assert serve.choose_dtype(old_w8a8, avx512, "float32")[0] == "float32"  # oneDNN takes it
+    for kind in ("w8a8", "fp8", "w4a16"):
+        with pytest.raises(serve.ServingDtypeError, match=r"cannot be served in float32.*GPU kernels.*16-bit"):
+            serve.choose_dtype(quantized_configs[kind], serve.Machine(device="cuda", cuda_capability=(9, 0)),
+                               "float32")
+    with pytest.raises(serve.ServingDtypeError, match=r"--dtype float16"):
+        serve.choose_dtype(quantized_configs["w8a8"], serve.Machine(device="cuda", cuda_capability=(7, 5)),
+                           "bfloat16")
+    with pytest.raises(serve.ServingDtypeError, match=r"compute capability 7\.5 or newer.*has 7\.0"):
+        serve.choose_dtype(quantized_configs["w4a16"], serve.Machine(device="cuda", cuda_capability=(7, 0)))
+
+
+def test_serve_example_refuses_before_vllm_loads(quantized_configs, tmp_path, monkeypatch, capsys):
+    serve = _load_example("serve_vllm")
+    checkpoint = tmp_path / "old-w8a8"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps(quantized_configs["w8a8"] | {"dtype": "float32"}))
+    monkeypatch.setattr(serve, "detect_machine", lambda: _cpu(serve, "amx"))
+    # offline() checks before it imports vLLM (not installed here: the import would fail otherwise)
+    with pytest.raises(serve.ServingDtypeError, match="cannot be served in float32"):
+        serve.offline(str(checkpoint), "float32", ["x"])
+    # the command line refuses every variant before it serves any
+    monkeypatch.setattr(serve, "vllm_version", lambda: "0.32.0")
+    served = []
+    monkeypatch.setattr(serve, "offline", lambda path, dtype, *a, **k: served.append(dtype) or {
+        "load_seconds": 0, "tokens_per_second": 0, "single_tokens_per_second": 0, "texts": []})
+    with pytest.raises(SystemExit, match=r"serve_vllm: .*cannot be served in float32.*--dtype bfloat16"):
+        serve.main([str(checkpoint), "--mode", "offline", "--dtype", "float32"])
+    assert served == []
+    serve.main([str(checkpoint), "--mode", "offline"])
+    assert served == ["bfloat16"]
+    out = capsys.readouterr().out
+    assert "serving in bfloat16: the checkpoint says float32, but this CPU has AMX" in out
+    assert '"amx_tile"' in out  # the flags that decided it are printed
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo_formats():
+    serve = _load_example("serve_vllm")
+    flags, name = serve.read_cpu_flags(CPUINFO["amx"] + "processor\t: 1\nflags\t\t: fpu\n")
+    assert name.startswith("Intel(R) Xeon") and {"amx_tile", "avx512_bf16"} <= flags and "fpu" in flags
+    arm, _ = serve.read_cpu_flags("processor\t: 0\nFeatures\t: fp asimd bf16\nCPU part\t: 0xd4f\n")
+    assert arm == {"fp", "asimd", "bf16"}
+    assert serve.Machine(cpu_flags=flags, amx=False).has_amx is False  # torch's answer wins
