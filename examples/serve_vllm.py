@@ -108,7 +108,9 @@ def cpu_environment() -> None:
 #   them (VLLM_DISABLED_KERNELS removes whole kernel classes only).
 # - CPU, FP8: the AMX kernels (CPUFP8W8A8ScaledMMLinearKernel, CPUFp8PerTensor...) call
 #   fp8_scaled_mm_cpu ("expect A to be bfloat16 or half"); elsewhere torch's emulation.
-# - CPU, W4A16: CPUWNA16LinearKernel; with AMX and bfloat16 activations it runs W4A8
+# - CPU, W4A16: CPUWNA16LinearKernel (model_executor/kernels/linear/mixed_precision/cpu.py);
+#   its op cpu_gemm_wna16 has no float32 build (run here: '"cpu_gemm_wna16" not implemented
+#   for 'Float'' from the worker); with AMX and bfloat16 activations it runs W4A8
 #   (int4_scaled_mm_cpu, dynamic int8 activations) unless VLLM_CPU_INT4_W4A8=0.
 # - GPU: cutlass_scaled_mm (INT8, FP8) asserts out_dtype bfloat16 or float16, Marlin and
 #   Machete (W4A16, FP8 weight-only) take only 16-bit activations; bfloat16 needs compute
@@ -258,7 +260,10 @@ def accepted_dtypes(fmt: str, machine: Machine) -> tuple[tuple[str, ...], str]:
                                          "takes only bfloat16 or float16 activations")
     if fmt == "other":
         return ("bfloat16", "float16"), "vLLM's quantized CPU kernels are built for 16-bit activations"
-    kernel = {"int8": "INT8 kernel (oneDNN)", "fp8": "FP8 emulation", "wna16": "W4A16 kernel (cpu_gemm_wna16)"}[fmt]
+    if fmt == "wna16":
+        return ("bfloat16", "float16"), ("vLLM's W4A16 CPU kernel (cpu_gemm_wna16) takes only bfloat16 "
+                                         "or float16 activations (it has no float32 build)")
+    kernel = {"int8": "INT8 kernel (oneDNN)", "fp8": "FP8 emulation"}[fmt]
     return SERVING_DTYPES, (f"vLLM's {kernel} on this CPU ({'AMX' if machine.has_amx else 'no AMX'}) "
                             "takes bfloat16, float16 or float32")
 
