@@ -28,12 +28,15 @@ activation dtype:
     a float simulation moves the prompt tokens' logprobs by 0.2 nats on average and
     changes 10-15% of the top-1 tokens). So: mean NLL within ``W8A8_NLL_ATOL`` of
     transformers' on the same checkpoint, top-1 agreement at least ``W8A8_TOP1``, and
-    the NLL within ``QUANT_VS_DENSE_NLL_ATOL`` of the dense bfloat16 checkpoint's (a
+    the NLL within ``W8A8_VS_DENSE_NLL_ATOL`` of the dense bfloat16 checkpoint's (a
     loader that got the scales wrong fails all three by far).
-(d) W4A16 in bfloat16: the same three bounds (``W4A16_NLL_ATOL``, ``W4A16_TOP1``):
-    vLLM's CPUWNA16 kernel dequantizes int4 groups in its own order, and on CPUs with
-    AMX it runs bf16 W4A16 as W4A8 (dynamic int8 activations, VLLM_CPU_INT4_W4A8=1,
-    vLLM's default), so it is bounded like (c), not like (b).
+(d) W4A16 in bfloat16: the same three bounds (``W4A16_NLL_ATOL``, ``W4A16_TOP1``,
+    ``W4A16_VS_DENSE_NLL_ATOL``): vLLM's CPUWNA16 kernel dequantizes int4 groups in its
+    own order, and on CPUs with AMX it runs bf16 W4A16 as W4A8 (dynamic int8
+    activations, VLLM_CPU_INT4_W4A8=1, vLLM's default), so it is bounded like (c), not
+    like (b). Round-to-nearest int4 costs this pruned model 0.27 nats on its own
+    (transformers, measured), and W4A8 adds int8 activations' ~0.14 (as in (c)), hence
+    0.5 from the dense checkpoint.
 
 The OpenAI-compatible server is tested once (float32, greedy, loopback). The CPU
 flags that decided the kernels (and vLLM's own answer to "AMX int8 kernel?",
@@ -78,7 +81,8 @@ W8A8_NLL_ATOL = 0.15
 W8A8_TOP1 = 0.75
 W4A16_NLL_ATOL = 0.15
 W4A16_TOP1 = 0.75
-QUANT_VS_DENSE_NLL_ATOL = 0.3
+W8A8_VS_DENSE_NLL_ATOL = 0.3
+W4A16_VS_DENSE_NLL_ATOL = 0.5
 VARIANTS = ("float32", "bfloat16", "w8a8", "w4a16")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_PROMPTS = (
@@ -372,10 +376,12 @@ def test_bfloat16_logprobs_stay_close_to_transformers(vllm_runs, hf_runs, prompt
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("name, nll_atol, top1", [("w8a8", W8A8_NLL_ATOL, W8A8_TOP1),
-                                                  ("w4a16", W4A16_NLL_ATOL, W4A16_TOP1)])
+@pytest.mark.parametrize("name, nll_atol, top1, dense_atol", [
+    ("w8a8", W8A8_NLL_ATOL, W8A8_TOP1, W8A8_VS_DENSE_NLL_ATOL),
+    ("w4a16", W4A16_NLL_ATOL, W4A16_TOP1, W4A16_VS_DENSE_NLL_ATOL),
+])
 def test_quantized_loads_generates_and_stays_close_to_transformers(vllm_runs, hf_runs, prompts, name,
-                                                                   nll_atol, top1):
+                                                                   nll_atol, top1, dense_atol):
     stats, nll_dense = _close_to_reference(name, vllm_runs, hf_runs, prompts, dense="bfloat16")
     assert hf_runs[name]["dtype"] == "bfloat16"
     # the model as a whole: the same likelihood of the prompts
@@ -383,7 +389,7 @@ def test_quantized_loads_generates_and_stays_close_to_transformers(vllm_runs, hf
     # token by token: mostly the same top-1 token (see the module's note on the noise floor)
     assert stats["top1"] >= top1, stats
     # and quantization has not broken the pruned model: close to its dense bfloat16 likelihood
-    assert abs(stats["nll_vllm"] - nll_dense) <= QUANT_VS_DENSE_NLL_ATOL, (stats, nll_dense)
+    assert abs(stats["nll_vllm"] - nll_dense) <= dense_atol, (stats, nll_dense)
 
 
 @pytest.mark.vllm
