@@ -8,7 +8,7 @@ environment (vLLM pins another compressed-tensors than llm-compressor):
     .venv-vllm/bin/python examples/serve_vllm.py serving/
 
 ``CHECKPOINTS`` is the ``--out`` directory of make_serving_checkpoints.py (its
-``serving.json`` names the variants: bfloat16, float32, w8a8) or one checkpoint
+``serving.json`` names the variants: bfloat16, float32, w8a8, fp8, w4a16) or one checkpoint
 directory. ``--mode offline`` generates with ``vllm.LLM``; ``--mode server``
 starts ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 as a
 subprocess, waits for ``/health``, sends one ``/v1/completions`` request, and
