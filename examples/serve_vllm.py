@@ -255,7 +255,8 @@ def accepted_dtypes(fmt: str, machine: Machine) -> tuple[tuple[str, ...], str]:
         return SERVING_DTYPES, "vLLM's CPU backend runs dense models in bfloat16, float16 or float32"
     if machine.has_amx and machine.x86 and fmt in ("int8", "fp8", "other"):
         kernel = {"int8": "INT8 kernel (int8_scaled_mm_with_quant)",
-                  "fp8": "FP8 kernels (fp8_scaled_mm_cpu)"}.get(fmt, "AMX kernels")
+                  # chosen for per-tensor scales or on AMX-FP8 CPUs; refused more widely here
+                  "fp8": "AMX FP8 kernels (fp8_scaled_mm_cpu)"}.get(fmt, "AMX kernels")
         return ("bfloat16", "float16"), (f"this CPU has AMX (amx_tile), and there vLLM's {kernel} "
                                          "takes only bfloat16 or float16 activations")
     if fmt == "other":
