@@ -12,14 +12,19 @@ a CPU), then writes into ``--out``:
   model as an ordinary dense checkpoint (half its Linear weights are zeros, 2 of
   every 4; nothing on disk says so, as vLLM has no sparse kernels and refuses
   checkpoints that declare sparsity);
-- ``wanda-dsnot-2of4-w8a8/``: the same pruned weights quantized with
-  llm-compressor's ``QuantizationModifier(scheme="W8A8")`` (int8 weights per
-  output channel, int8 activations per token at run time; every Linear but
-  ``lm_head``), saved compressed (``save_compressed=True``) in the
-  compressed-tensors format vLLM loads;
+- ``wanda-dsnot-2of4-w8a8/`` (and ``-fp8/``, ``-w4a16/`` with ``--quant``): the
+  same pruned weights quantized with llm-compressor's ``QuantizationModifier``
+  (W8A8: int8 weights per output channel, int8 activations per token at run time;
+  FP8_DYNAMIC: the same in e4m3; W4A16: int4 weights in groups of 64 or 128 input
+  columns; every Linear but ``lm_head``), saved compressed (``save_compressed=True``)
+  in the compressed-tensors format vLLM loads. They are made from the pruned model
+  loaded in ``--activation-dtype`` (default bfloat16), which their config.json then
+  names: vLLM's quantized kernels take 16-bit activations on GPUs and on CPUs with
+  AMX (its CPU INT8 kernel there, ``int8_scaled_mm_with_quant``, refuses float32),
+  and bfloat16 everywhere else too; float16 is for GPUs without bfloat16;
 - ``serving.json``: what was made, for ``examples/serve_vllm.py``.
 
-The quantization runs on the saved float32 pruned checkpoint, so that every
+The quantization starts from the saved float32 pruned checkpoint, so that every
 variant has exactly the same mask and DSnoT runs once. Every checkpoint is
 written to a temporary directory first and renamed into place when complete;
 an existing directory is replaced only if this script made it. The input
@@ -40,6 +45,14 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: the dtypes quantized checkpoints are made and served in (float16 for GPUs without bfloat16)
+ACTIVATION_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: quantized variants: (llm-compressor scheme, description)
+QUANT = {
+    "w8a8": ("W8A8", "INT8 W8A8: int8 weights per channel, dynamic int8 activations per token"),
+    "fp8": ("FP8_DYNAMIC", "FP8 dynamic: e4m3 weights per channel, dynamic FP8 activations per token"),
+    "w4a16": ("W4A16", "W4A16: int4 weights in groups of input columns, 16-bit activations"),
+}
 MARKER = ".dsnot-serving"
 MANIFEST = "serving.json"
 
@@ -49,23 +62,27 @@ def _fail(message: str) -> None:
 
 
 def linear_sparsity(checkpoint: Path) -> dict:
-    """Zeros and 2:4 blocks of the decoder's Linear weights, read from the safetensors files."""
-    from safetensors import safe_open
+    """
+    Zeros and 2:4 blocks of the decoder's Linear weights, read from the safetensors files
+    (float, int8/FP8 and packed int4 weights alike, as ``dsnot verify`` reads them).
+    """
+    from dsnot_modifier.checkpoint import _Tensors, read_zero_mask
 
+    tensors = _Tensors(checkpoint)
+    quant_config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config")
+    layers = sorted({key.rsplit(".", 1)[0] for key in tensors._where
+                     if key.endswith((".weight", ".weight_packed")) and "layers." in key and "norm" not in key})
     zeros = total = blocks = blocks_24 = 0
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if not name.endswith(".weight") or "layers." not in name or "norm" in name:
-                    continue
-                w = f.get_tensor(name)
-                if w.dim() != 2 or w.shape[1] % 4:
-                    continue
-                zeros += int((w == 0).sum())
-                total += w.numel()
-                groups = (w.reshape(w.shape[0], -1, 4) == 0).sum(-1)
-                blocks += groups.numel()
-                blocks_24 += int((groups >= 2).sum())
+    for layer in layers:
+        found = read_zero_mask(tensors, layer, quant_config)
+        if found is None or found[0].dim() != 2 or found[0].shape[1] % 4:
+            continue
+        zero = found[0]
+        zeros += int(zero.sum())
+        total += zero.numel()
+        groups = zero.reshape(zero.shape[0], -1, 4).sum(-1)
+        blocks += groups.numel()
+        blocks_24 += int((groups >= 2).sum())
     if total == 0:
         raise ValueError(f"no decoder Linear weights in the safetensors files of {checkpoint}")
     return {"sparsity": zeros / total, "blocks_2of4": blocks_24 / blocks, "weights": total}
@@ -113,27 +130,54 @@ def _save(model, tokenizer, target: _Target, note: str, dtype: str | None = None
         raise
 
 
-def quantize_w8a8(source: Path, target: _Target, note: str, verbose: bool = False) -> Path:
-    """W8A8 (int8 weights per channel, dynamic int8 activations per token) of a saved checkpoint."""
-    from llmcompressor import oneshot
+def w4a16_group_size(model) -> int:
+    """The largest of 128, 64, 32 dividing every quantized Linear's input width (SmolLM2's 576: 64)."""
+    widths = {m.in_features for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+    for size in (128, 64, 32):
+        if all(w % size == 0 for w in widths):
+            return size
+    _fail(f"W4A16 needs Linear input widths divisible by 32 (vLLM's CPU kernel); this model has "
+          f"{sorted(widths)}: leave w4a16 out of --quant")
+
+
+def quant_recipe(kind: str, model) -> list:
+    """llm-compressor's QuantizationModifier for ``kind`` (every Linear but ``lm_head``)."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    if kind == "w4a16":  # int4 weights, symmetric, one scale per group of input columns
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                   "group_size": w4a16_group_size(model)}
+        return [QuantizationModifier(ignore=["lm_head"],
+                                     config_groups={"group_0": {"targets": ["Linear"], "weights": weights}})]
+    return [QuantizationModifier(targets="Linear", scheme=QUANT[kind][0], ignore=["lm_head"])]
+
+
+def quantize(source: Path, kind: str, target: _Target, note: str, activation_dtype: str = "bfloat16",
+             verbose: bool = False) -> Path:
+    """
+    ``kind`` (w8a8, fp8, w4a16) of a saved checkpoint, loaded in ``activation_dtype``, which
+    config.json then names: the dtype vLLM's quantized kernels take on GPUs and on CPUs alike
+    (on CPUs with AMX its INT8 kernel takes only bfloat16/float16).
+    """
+    from llmcompressor import oneshot
 
     from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer, quiet_llmcompressor
 
-    model = load_model(str(source))
+    model = load_model(str(source), dtype=ACTIVATION_DTYPES[activation_dtype])
     tokenizer = load_tokenizer(str(source))
-    recipe = [QuantizationModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
     with quiet_llmcompressor(verbose):
         # static weight scales and dynamic activation scales need no calibration data
-        oneshot(model=model, processor=tokenizer, recipe=recipe)
-    return _save(model, tokenizer, target, note)
+        oneshot(model=model, processor=tokenizer, recipe=quant_recipe(kind, model))
+    return _save(model, tokenizer, target, note, activation_dtype)
 
 
 def make_checkpoints(
     out: str | Path,
     model: str | None = None,
     dtypes: tuple[str, ...] = ("bfloat16",),
-    w8a8: bool = True,
+    quant: tuple[str, ...] = ("w8a8",),
+    activation_dtype: str = "bfloat16",
     sparsity: str = "2:4",
     calib_samples: int = 16,
     seq_len: int = 256,
@@ -147,6 +191,12 @@ def make_checkpoints(
     for dtype in dtypes:
         if dtype not in DTYPES:
             _fail(f"unknown dtype {dtype!r}: choose from {', '.join(DTYPES)}")
+    for kind in quant:
+        if kind not in QUANT:
+            _fail(f"unknown quantization {kind!r}: choose from {', '.join(QUANT)}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        _fail(f"unknown activation dtype {activation_dtype!r}: choose from {', '.join(ACTIVATION_DTYPES)} "
+              "(vLLM's quantized kernels take 16-bit activations on GPUs and on CPUs with AMX)")
     if calib_samples < 1 or seq_len < 8:
         _fail("--calib-samples must be at least 1 and --seq-len at least 8")
     source = resolve_model(model)
@@ -157,9 +207,8 @@ def make_checkpoints(
             _fail(f"--out {out} overlaps the input model {src}; choose a directory of its own")
     tag = "wanda-dsnot-" + sparsity.replace(":", "of")
     names = {d: out / f"{tag}-{d}" for d in dtypes}
-    names_w8a8 = out / f"{tag}-w8a8"
     targets = {d: _Target(p) for d, p in names.items()}  # fail early on a foreign directory
-    target_w8a8 = _Target(names_w8a8) if w8a8 else None
+    quant_targets = {k: _Target(out / f"{tag}-{k}") for k in quant}
     started = time.perf_counter()
     scratch = None
     try:
@@ -179,7 +228,7 @@ def make_checkpoints(
         if "float32" in targets:
             f32_path = _save(pruned, tokenizer, targets.pop("float32"), note + ", float32", "float32")
             manifest["checkpoints"]["float32"] = {"path": str(f32_path), "dtype": "float32"}
-        elif w8a8:
+        elif quant:
             scratch = Path(tempfile.mkdtemp(dir=out, prefix=".pruned-float32."))
             f32_path = _save(pruned, tokenizer, _Target(scratch / "checkpoint"), note, "float32")
         for dtype, target in targets.items():
@@ -187,14 +236,16 @@ def make_checkpoints(
             path = _save(pruned, tokenizer, target, f"{note}, {dtype}", dtype)
             manifest["checkpoints"][dtype] = {"path": str(path), "dtype": dtype}
         del pruned, run
-        if w8a8:
-            print("quantizing the pruned checkpoint to INT8 W8A8", flush=True)
-            path = quantize_w8a8(f32_path, target_w8a8, note + ", INT8 W8A8 (llm-compressor)", verbose)
-            # float32 around the int8 matmuls (norms, embeddings, scales), as it was made
-            manifest["checkpoints"]["w8a8"] = {"path": str(path), "dtype": "float32",
-                                               "quantization": "W8A8"}
+        for kind, target in quant_targets.items():
+            scheme, description = QUANT[kind]
+            print(f"quantizing the pruned checkpoint to {description}, in {activation_dtype}", flush=True)
+            path = quantize(f32_path, kind, target, f"{note}, {description} (llm-compressor), "
+                            f"{activation_dtype}", activation_dtype, verbose)
+            # the activation dtype around the quantized matmuls (norms, embeddings, scales)
+            manifest["checkpoints"][kind] = {"path": str(path), "dtype": activation_dtype,
+                                             "quantization": scheme}
     except BaseException:
-        for target in list(targets.values()) + ([target_w8a8] if target_w8a8 else []):
+        for target in list(targets.values()) + list(quant_targets.values()):
             target.discard()
         raise
     finally:
@@ -216,7 +267,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="model id or local checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtypes", default="bfloat16",
                         help="dense variants to save, comma-separated: bfloat16, float32 (default bfloat16)")
-    parser.add_argument("--no-w8a8", action="store_true", help="skip the INT8 W8A8 checkpoint")
+    parser.add_argument("--quant", default="w8a8",
+                        help=f"quantized variants, comma-separated: {', '.join(QUANT)} (default w8a8; "
+                             "empty for none)")
+    parser.add_argument("--no-w8a8", action="store_true", help="no quantized variants (as --quant '')")
+    parser.add_argument("--activation-dtype", default="bfloat16", choices=tuple(ACTIVATION_DTYPES),
+                        help="dtype of the quantized checkpoints' activations and unquantized tensors, "
+                             "written into their config.json (default bfloat16; float16 for GPUs "
+                             "older than compute capability 8.0)")
     parser.add_argument("--sparsity", default="2:4", help="N:M or a fraction (default 2:4)")
     parser.add_argument("--calib-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -228,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     manifest = make_checkpoints(
         args.out, model=args.model, dtypes=tuple(d for d in args.dtypes.split(",") if d),
-        w8a8=not args.no_w8a8, sparsity=args.sparsity, calib_samples=args.calib_samples,
+        quant=() if args.no_w8a8 else tuple(k for k in args.quant.split(",") if k),
+        activation_dtype=args.activation_dtype, sparsity=args.sparsity, calib_samples=args.calib_samples,
         seq_len=args.seq_len, verbose=args.verbose,
     )
     for name, entry in manifest["checkpoints"].items():
