@@ -78,6 +78,9 @@ def test_bench_row_in_its_own_process(tiny_model_dir, texts, tmp_path):
     assert row["params"]["layer_sparsity"] == pytest.approx(0.5, abs=1e-9)
     assert row["params"]["dsnot"] == {"max_cycles": 3} and row["time_s"]["dsnot"] > 0
     assert row["params"]["date"] and row["params"]["machine"]
+    # the versions that decide the numbers (a new transformers can move Wanda's masks)
+    assert row["params"]["versions"]["torch"] == torch.__version__
+    assert row["params"]["versions"]["llmcompressor"] == "0.14.0.1"
 
 
 def test_run_row_standalone_exact_sparsity(tiny_model_dir, texts):

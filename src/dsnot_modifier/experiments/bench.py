@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import time
 
 import torch
 
-from dsnot_modifier.experiments.pipeline import layer_sparsity, linear_layers
+from dsnot_modifier.experiments.pipeline import environment, layer_sparsity, linear_layers
 from dsnot_modifier.masks import initial_mask, parse_sparsity
 from dsnot_modifier.report import write_json
 from dsnot_modifier.stats import VARIANCE_KINDS
@@ -436,8 +435,7 @@ def run(args) -> int:
 
 
 def _finish_row(row: dict) -> dict:
-    row["params"]["machine"] = platform.platform()
-    row["params"]["date"] = time.strftime("%Y-%m-%d")
+    row["params"].update(environment())
     return row
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import platform
 import sys
 import time
 
@@ -47,7 +46,9 @@ def main_job(
     from dsnot_modifier.experiments.evaluate import perplexity
     from dsnot_modifier.experiments.models import resolve_model
     from dsnot_modifier.report import write_json
-    from dsnot_modifier.experiments.pipeline import layer_sparsity, load_model, load_tokenizer, make_recipe, run_oneshot
+    from dsnot_modifier.experiments.pipeline import (
+        environment, layer_sparsity, load_model, load_tokenizer, make_recipe, run_oneshot,
+    )
 
     if threads:
         torch.set_num_threads(threads)
@@ -98,7 +99,7 @@ def main_job(
         meta = {
             "model": path, "sparsity": sparsity, "calib_samples": calib_samples, "seq_len": seq_len,
             "eval_windows": int(evals.shape[0]), "threads": torch.get_num_threads(),
-            "machine": platform.platform(), "date": time.strftime("%Y-%m-%d"),
+            **environment(),
         }
         write_json(json_path, {"meta": meta, "rows": rows})
     return rows

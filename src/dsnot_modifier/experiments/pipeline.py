@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 from loguru import logger
 
 __all__ = [
+    "environment",
     "load_model",
     "load_tokenizer",
     "calibration_dataset",
@@ -168,3 +170,20 @@ def layer_sparsity(model: torch.nn.Module, ignore: str = "lm_head") -> float:
         zeros += int((module.weight == 0).sum())
         total += module.weight.numel()
     return zeros / max(total, 1)
+
+
+#: the packages whose versions decide the numbers of a run (recorded with its results)
+_RECORDED_PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors", "gguf")
+
+
+def environment() -> dict:
+    """Machine, date and package versions, recorded beside a run's results."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in _RECORDED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d"), "versions": versions}
