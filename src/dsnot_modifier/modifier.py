@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import weakref
 from typing import Literal
 
 import torch
@@ -36,19 +35,33 @@ from dsnot_modifier.distributed import (
     tensor_digest,
     world_size,
 )
+from dsnot_modifier.layers import (
+    FIX_FEW_TOKENS,
+    FIX_PADDING,
+    FIX_UNLINEARIZED,
+    name_a_few,
+    padded_calibration,
+    pruner_targets,
+    unlinearized_experts,
+)
 from dsnot_modifier.masks import (
     MaskStructureError,
+    check_blocks,
+    check_refined,
     check_structure,
     format_structure,
     infer_structure,
     initial_mask,
     parse_mask_structure,
 )
-from dsnot_modifier.report import DSnoTReport, LayerReport
-from dsnot_modifier.stats import InputStats
+from dsnot_modifier.report import DSnoTReport, LayerReport, SkippedLayer
+from dsnot_modifier.stats import InputStats, SharedInputs
 from dsnot_modifier.swaps import DEFAULT_THRESHOLD, refine_mask
 
 __all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTDistributedError"]
+
+#: default of ``min_tokens`` (measured: benchmarks/min_tokens.py, see BENCHMARKS.md)
+MIN_TOKENS = 64
 
 _FIX_DISTRIBUTED = (
     "under torchrun, give DSnoTModifier `initial: wanda` and `sparsity` (or an N:M "
@@ -140,8 +153,13 @@ class DSnoTModifier(Modifier):
         calibration sequence, averaged, as the authors' code) or ``global``
     :param sign_check: ``mean`` only: refuse swaps that flip the sign of a row's
         expected error; unset means the paper's choice (off unstructured, on N:M)
-    :param mask_structure: ``"N:M"`` or ``"0:0"``; unset, it is read from the zeros
-        the pruner left. Given, it must agree with them
+    :param mask_structure: ``"N:M"`` or ``"0:0"``; unset, it is the pruner's own
+        ``mask_structure`` (so SparseGPT 2:4 blocks with extra zeros stay N:M). Given,
+        it must agree with the pruner's
+    :param min_tokens: a layer that saw fewer calibration tokens (an MoE expert
+        under routed calibration, ``moe_calibrate_all_experts=False``) is left exactly
+        as the pruner left it, listed in the report, and named in one warning: its
+        statistics are too few for a swap to help beyond the tokens seen
     :param initial: ``wanda`` or ``magnitude`` to make the initial mask without an
         earlier pruner (standalone); needs ``sparsity`` unless N:M is given
     :param sparsity: fraction of weights to prune, standalone only (0 < s < 1)
@@ -171,6 +189,7 @@ class DSnoTModifier(Modifier):
     targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
     chunk_rows: int | None = Field(default=None, ge=1)
+    min_tokens: int = Field(default=MIN_TOKENS, ge=1)
     snapshot_device: Literal["auto", "execution", "cpu"] = Field(
         default="auto",
         description="where the dense copy of a layer is kept until its refinement: "
@@ -188,8 +207,12 @@ class DSnoTModifier(Modifier):
     _dense: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(default_factory=dict)
     _stats: dict[torch.nn.Module, InputStats] = PrivateAttr(default_factory=dict)
     _leaders: set[torch.nn.Module] = PrivateAttr(default_factory=set)
-    _last_input: object = PrivateAttr(default=None)
-    _last_stats: InputStats | None = PrivateAttr(default=None)
+    # issue 13: statistics shared by every layer reading the same input in a batch
+    _shared: SharedInputs = PrivateAttr(default_factory=SharedInputs)
+    # issue 13: the layers the pruners prune, with the structure each was asked for
+    # (None: standalone, or a pruner that does not say; then every target counts)
+    _pruned_by: dict | None = PrivateAttr(default=None)
+    _seen: set = PrivateAttr(default_factory=set)
     _report: DSnoTReport | None = PrivateAttr(default=None)
     _group: RankGroup | None = PrivateAttr(default=None)
     _loads: list[float] = PrivateAttr(default_factory=list)
@@ -327,6 +350,17 @@ class DSnoTModifier(Modifier):
                 "QuantizationModifier after DSnoTModifier"
             )
         self._report = DSnoTReport(params=self._params())
+        # issue 13: fused 3D experts are no Linear layers: say so, with the fix
+        fused = unlinearized_experts(model)
+        if fused:
+            logger.warning(
+                f"DSnoT: {name_a_few(fused, 3)} module(s) hold MoE experts that are not "
+                f"refined: {FIX_UNLINEARIZED}"
+            )
+        # issue 13: padded positions would enter the statistics: refuse (see FIX_PADDING)
+        padded = padded_calibration(getattr(getattr(state, "data", None), "calib", None))
+        if padded:
+            raise DSnoTConfigError(f"DSnoT: {padded}; {FIX_PADDING}")
         # hooks from the start (not at calibration start), so that a pruner calibrating
         # in a pass of its own is caught at its first forward, before it prunes anything
         for module in self._names:
@@ -347,6 +381,13 @@ class DSnoTModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         self._peak_state_bytes = 0
         self._owners = {}
+        self._seen = set()
+        # issue 13: the pruners registered their layers in their own calibration start
+        # (before this one, recipe order); layers none of them prunes are left alone
+        try:
+            self._pruned_by = pruner_targets(self._pruners, self._names) if self._pruners else None
+        except MaskStructureError as err:
+            raise DSnoTConfigError(str(err)) from None
         error = None
         try:
             self._setup_distributed()
@@ -442,15 +483,17 @@ class DSnoTModifier(Modifier):
     def calibrate_module(self, module: torch.nn.Module, args: tuple, _output: torch.Tensor):
         """Forward hook: snapshot the dense weight once, accumulate input statistics."""
         inp = args[0]
+        self._seen.add(module)  # issue 13: targets never called are reported
         if module not in self._dense:
             self._check_same_pass()
             self._dense[module] = self._snapshot(module)
             self._track_state()
         if module not in self._stats:
-            last = self._last_input() if self._last_input is not None else None
-            if last is inp and self._last_stats.num_columns == inp.shape[-1]:
-                # same input tensor as the layer before (q/k/v, gate/up): share
-                self._stats[module] = self._last_stats
+            shared = self._shared.lookup(inp)
+            if shared is not None and shared.num_columns == inp.shape[-1]:
+                # issue 13: an input an earlier layer of this batch read (q/k/v, gate/up,
+                # every expert's gate/up under all-expert calibration): share
+                self._stats[module] = shared
                 return
             self._stats[module] = self._new_stats(module, inp.shape[-1])
             self._leaders.add(module)
@@ -461,11 +504,10 @@ class DSnoTModifier(Modifier):
                 self._stats[module].update(inp)
                 self._stats[module].check_finite(self._names[module])
             self._stats[module].update(inp)
-            self._last_input = weakref.ref(inp)
-            self._last_stats = self._stats[module]
+            self._shared.add(inp, self._stats[module])
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        self._last_input = self._last_stats = None
+        self._shared.clear()
         if self._group is None and world_size() > 1:
             self._setup_distributed()  # outside a pipeline that started calibration
         if self._group is not None:
@@ -478,7 +520,9 @@ class DSnoTModifier(Modifier):
             with torch.no_grad(), align_module_device(module):
                 layer = self._refine_layer(module, dense, stats)
             del dense, stats
-            if layer is not None:
+            if isinstance(layer, SkippedLayer):  # issue 13: left alone, with the reason
+                self._report.skipped.append(layer)
+            elif layer is not None:
                 self._report.layers.append(layer)
                 logger.info("DSnoT " + layer.line())
 
@@ -490,12 +534,39 @@ class DSnoTModifier(Modifier):
         if self._group is not None:
             self._group.destroy()
             self._group = None
+        self._warn_left_alone()
         if not self._report.layers:
             raise DSnoTConfigError(
                 "DSnoTModifier refined no layer: none of its target layers was pruned by "
                 f"an earlier modifier during calibration; {_FIX_ORDER}"
             )
         logger.info(self._report.summary_line())
+
+    def _warn_left_alone(self):
+        """issue 13: the layers left alone in the report, one warning per kind."""
+        report = self._report
+        listed = {layer.name for layer in report.layers} | {s.name for s in report.skipped}
+        for module, name in self._names.items():
+            if name in listed:
+                continue
+            if module not in self._seen:
+                report.skipped.append(SkippedLayer(
+                    name, "never called", None, "no forward during calibration"))
+        alone = [s.name for s in report.skipped if s.reason in ("never called", "not pruned")]
+        if alone:
+            never = report.skipped_names("never called")
+            logger.warning(
+                f"DSnoT left {name_a_few(alone)} target layer(s) as they are "
+                f"({len(never)} never ran a forward in calibration, {len(alone) - len(never)} "
+                "were not pruned by the pruner); they are listed in the report's `skipped`"
+            )
+        few = report.skipped_names("few tokens")
+        if few:
+            logger.warning(
+                f"DSnoT left {name_a_few(few)} layer(s) exactly as the pruner left them: "
+                f"each saw fewer than min_tokens={self.min_tokens} calibration tokens (MoE "
+                f"experts under routed calibration). To refine them, {FIX_FEW_TOKENS}"
+            )
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self.remove_hooks()
@@ -580,7 +651,9 @@ class DSnoTModifier(Modifier):
         for gathered in group.all_gather_object(reports, "sharing the layer reports"):
             reports.update(gathered)
 
-        written = [name for name in todo if reports.get(name) is not None]
+        written = [name for name in todo if isinstance(reports.get(name), LayerReport)]
+        # issue 13: layers left alone (too few tokens), in the report of every rank
+        self._report.skipped += [r for r in reports.values() if isinstance(r, SkippedLayer)]
         for name in written:
             self._receive_or_send(by_name[name], name, owners[name])
         digests = {}
@@ -684,8 +757,15 @@ class DSnoTModifier(Modifier):
 
     def _refine_layer(
         self, module: torch.nn.Module, dense: torch.Tensor, stats: InputStats
-    ) -> LayerReport | None:
+    ) -> LayerReport | SkippedLayer | None:
         name = self._names[module]
+        # issue 13: too few tokens (a routed expert): left exactly as the pruner left it
+        if stats.tokens < self.min_tokens:
+            return SkippedLayer(
+                name, "few tokens", stats.tokens,
+                f"saw {stats.tokens} calibration tokens, fewer than min_tokens="
+                f"{self.min_tokens}; left as the pruner left it",
+            )
         current = module.weight.detach()
         dense = dense.to(current.device)
         new_zeros = bool(((current == 0) & (dense != 0)).any())
@@ -702,10 +782,10 @@ class DSnoTModifier(Modifier):
             nm, origin = self._nm, self.initial
         elif not new_zeros:
             logger.debug(f"DSnoT: {name} was not pruned by an earlier modifier, left as it is")
-            return None
+            return SkippedLayer(name, "not pruned", stats.tokens, "the pruner left it dense")
         else:
             stats.check_finite(name)
-            nm = self._structure(name, current, dense)
+            nm = self._structure(name, current, dense, module)
             origin = "pruner"
         start = time.perf_counter()
         result = refine_mask(
@@ -721,6 +801,8 @@ class DSnoTModifier(Modifier):
             **self._statistics(stats),
         )
         seconds = time.perf_counter() - start
+        # issue 13: never write a weight whose zeros break the structure
+        check_refined(current, result.weight, nm, name)
         self._write_weight(module, name, result.weight)
         zeros = int((result.weight == 0).sum())
         return LayerReport(
@@ -736,6 +818,8 @@ class DSnoTModifier(Modifier):
             error_before=result.error_before,
             error_after=result.error_after,
             seconds=seconds,
+            pruner_structure=self._asked(module).mask_structure if self._asked(module) else None,
+            mask_digest=mask_digest(result.weight),
         )
 
     def _write_weight(self, module: torch.nn.Module, name: str, weight: torch.Tensor):
@@ -753,7 +837,21 @@ class DSnoTModifier(Modifier):
                 f"writing the refined weight of {name} failed ({err}); {fix}"
             ) from err
 
-    def _structure(self, name: str, current: torch.Tensor, dense: torch.Tensor):
+    def _asked(self, module: torch.nn.Module):
+        """issue 13: what the pruner of this layer was asked for (None: unknown)."""
+        return None if self._pruned_by is None else self._pruned_by.get(module)
+
+    def _structure(self, name: str, current: torch.Tensor, dense: torch.Tensor, module=None):
+        asked = self._asked(module)
+        if asked is not None:
+            # issue 13: the structure is the one the pruner was given, not the zeros'
+            # (SparseGPT N:M leaves blocks with extra zeros on inputs never activated)
+            if asked.nm is not None:
+                try:
+                    check_blocks(current, asked.nm, name, asked.pruner)
+                except MaskStructureError as err:
+                    raise DSnoTConfigError(str(err)) from None
+            return asked.nm
         if self.mask_structure is None:
             return infer_structure(current, dense)
         try:

@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["LayerReport", "DSnoTReport", "REPORT_FILE_NAME"]
+__all__ = ["LayerReport", "SkippedLayer", "DSnoTReport", "REPORT_FILE_NAME"]
 
 REPORT_FILE_NAME = "dsnot_report.json"
 
@@ -35,6 +35,10 @@ class LayerReport:
         ``gram``: Σ e_iᵀ H e_i, the expected squared output error)
     :param error_after: the same after refinement
     :param seconds: time spent refining the layer
+    :param pruner_structure: the ``mask_structure`` the pruner was given (``"2:4"``,
+        ``"0:0"``); None for standalone DSnoT or a report made before it was recorded
+    :param mask_digest: a digest of the layer's zero mask after refinement (see
+        :func:`dsnot_modifier.distributed.mask_digest`), checked by ``dsnot verify``
     """
 
     name: str
@@ -49,6 +53,8 @@ class LayerReport:
     error_before: float
     error_after: float
     seconds: float
+    pruner_structure: str | None = None
+    mask_digest: str | None = None
 
     @property
     def error_change(self) -> float:
@@ -67,11 +73,35 @@ class LayerReport:
 
 
 @dataclass
+class SkippedLayer:
+    """
+    A target layer DSnoT left exactly as it was, and why.
+
+    :param name: module name in the model
+    :param reason: ``"never called"`` (no forward during calibration: a vision tower
+        under text data, an expert no token reached), ``"not pruned"`` (the pruner
+        left it dense or does not target it), ``"few tokens"`` (fewer calibration
+        tokens than ``min_tokens``: left as the pruner left it)
+    :param tokens: calibration tokens the layer saw (None if never called)
+    :param detail: a sentence for people
+    """
+
+    name: str
+    reason: str
+    tokens: int | None = None
+    detail: str = ""
+
+
+@dataclass
 class DSnoTReport:
-    """All layers of one run, with the settings used."""
+    """All layers of one run, with the settings used, and the layers left alone."""
 
     params: dict = field(default_factory=dict)
     layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+
+    def skipped_names(self, reason: str) -> list[str]:
+        return [s.name for s in self.skipped if s.reason == reason]
 
     def summary(self) -> dict:
         n = len(self.layers)
@@ -97,6 +127,7 @@ class DSnoTReport:
             "params": self.params,
             "summary": self.summary(),
             "layers": [asdict(layer) for layer in self.layers],
+            "skipped": [asdict(layer) for layer in self.skipped],
         }
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -114,4 +145,8 @@ class DSnoTReport:
             path = os.path.join(path, REPORT_FILE_NAME)
         with open(path) as f:
             data = json.load(f)
-        return cls(params=data["params"], layers=[LayerReport(**x) for x in data["layers"]])
+        return cls(
+            params=data["params"],
+            layers=[LayerReport(**x) for x in data["layers"]],
+            skipped=[SkippedLayer(**x) for x in data.get("skipped", [])],
+        )

@@ -8,9 +8,11 @@ adding their fields. Plain torch; nothing here imports llm-compressor.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-__all__ = ["InputStats", "NonFiniteStatisticsError", "VARIANCE_KINDS"]
+__all__ = ["InputStats", "SharedInputs", "NonFiniteStatisticsError", "VARIANCE_KINDS"]
 
 #: how the variance of an input column is defined, see :meth:`InputStats.var`
 VARIANCE_KINDS = ("per_sequence", "global")
@@ -66,13 +68,17 @@ class InputStats:
     def update(self, x: torch.Tensor):
         """
         Add a batch of inputs: ``[batch, seq, C]`` (one sequence per batch row) or
-        ``[tokens, C]`` (taken as one sequence).
+        ``[tokens, C]`` (taken as one sequence). An input without tokens (an MoE
+        expert no token was routed to is called with a 0-row input) changes nothing:
+        it is not counted as a sequence, so no statistic becomes NaN.
         """
         x = x.detach()
         if x.shape[-1] != self.num_columns:
             raise ValueError(
                 f"input has {x.shape[-1]} features, the layer expects {self.num_columns}"
             )
+        if x.numel() == 0:
+            return
         x = x.reshape(1, -1, self.num_columns) if x.dim() <= 2 else x.reshape(
             -1, x.shape[-2], self.num_columns
         )
@@ -169,3 +175,64 @@ class InputStats:
                     "(float16 overflows in many LLMs), and check the calibration data "
                     "and the layers before this one"
                 )
+
+
+class SharedInputs:
+    """
+    Which statistics already accumulate a given input tensor, so that every layer
+    reading the same input in the same batch shares one :class:`InputStats`
+    (q/k/v; gate/up; under MoE all-expert calibration, the gate and up projections
+    of every expert of a decoder layer), whatever the order of the calls in between.
+
+    llm-compressor's linearized experts (``LinearExperts2D``) call each expert with
+    the very tensor object they receive (``expert(hidden_states)``) under all-expert
+    calibration, and with one fresh tensor per expert (``hidden_states[idx]``) under
+    routed calibration, read by that expert's gate and up projections. An input is
+    recognised by its memory: data pointer, shape, strides, dtype and device (so a
+    view of the same memory with the same layout counts as the same input), while
+    the first tensor seen with that layout is alive (a weak reference: freed memory
+    may be reused by other data) and unchanged (the tensor's version counter,
+    shared by its views, is the one recorded). An input without elements (an
+    expert no token was routed to) has no memory of its own: it is recognised by
+    object identity only. No content is read: a lookup costs O(1) whatever the size.
+    """
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple[weakref.ref, int, "InputStats"]] = {}
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        if x.numel() == 0:
+            return ("object", id(x))
+        return ("memory", x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+
+    def lookup(self, x: torch.Tensor) -> "InputStats | None":
+        """The statistics registered for this input, if it is the same, unchanged."""
+        entry = self._entries.get(self._key(x))
+        if entry is None:
+            return None
+        ref, version, stats = entry
+        first = ref()
+        if first is None or _version(first) != version or _version(x) != version:
+            return None
+        if x.numel() == 0 and first is not x:
+            return None
+        return stats
+
+    def add(self, x: torch.Tensor, stats: "InputStats"):
+        self._entries[self._key(x)] = (weakref.ref(x), _version(x), stats)
+        # entries whose tensor is gone can never match again: drop them
+        if len(self._entries) > 64:
+            self._entries = {k: v for k, v in self._entries.items() if v[0]() is not None}
+
+    def clear(self):
+        self._entries.clear()
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's version counter (None for inference tensors, which have none:
+    they cannot be changed in place outside inference mode either)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
