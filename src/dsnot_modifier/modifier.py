@@ -61,7 +61,7 @@ from dsnot_modifier.swaps import DEFAULT_THRESHOLD, refine_mask
 __all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTDistributedError"]
 
 #: default of ``min_tokens`` (measured: benchmarks/min_tokens.py, see BENCHMARKS.md)
-MIN_TOKENS = 64
+MIN_TOKENS = 128
 
 _FIX_DISTRIBUTED = (
     "under torchrun, give DSnoTModifier `initial: wanda` and `sparsity` (or an N:M "
@@ -535,6 +535,13 @@ class DSnoTModifier(Modifier):
             self._group.destroy()
             self._group = None
         self._warn_left_alone()
+        few = self._report.skipped_names("few tokens")
+        if not self._report.layers and few:  # issue 13: say why, with the fix
+            raise DSnoTConfigError(
+                f"DSnoTModifier refined no layer: the {len(few)} pruned layers each saw fewer "
+                f"than min_tokens={self.min_tokens} calibration tokens; give more calibration "
+                "samples (or lower min_tokens)"
+            )
         if not self._report.layers:
             raise DSnoTConfigError(
                 "DSnoTModifier refined no layer: none of its target layers was pruned by "
