@@ -80,8 +80,8 @@ def measure(experts: int, hidden: int, inter: int, heads: int = 8, samples: int 
     hidden_stats = 2 * hidden * hidden * f32  # attention input, experts' input: once each
     per_expert_stats = inter * inter * f32  # its down_proj's Gram
     expected = dense_bytes + hidden_stats + attn_out * attn_out * f32 + experts * per_expert_stats
-    # before issue 13: one more hidden-size Gram per expert (its gate_proj and up_proj
-    # shared one, the only input compared being the previous layer's)
+    # an estimate of the state without sharing across experts: one more hidden-size Gram
+    # per expert (measured on the code before issue 13: within one Gram of this)
     unshared = dense_bytes + hidden_stats + attn_out * attn_out * f32 + experts * (
         per_expert_stats + hidden * hidden * f32)
     return dict(
