@@ -229,3 +229,30 @@ def test_verify_catches_a_moved_zero(tiny_model_dir, calib_windows, tmp_path):
     bad = [c for c in result.layers if c.problems]
     assert [c.name for c in bad] == ["model.layers.0.self_attn.q_proj"]
     assert "zero mask differs" in bad[0].problems[0]
+
+
+@pytest.mark.parametrize("objective", ["gram", "mean"])
+def test_nm_blocks_with_extra_zeros_keep_them(objective):
+    """SparseGPT 2:4 on inputs never activated: blocks with 3 or 4 zeros. Swaps stay
+    inside blocks, every block keeps its count, and rows whose best growth would lie
+    in an all-zero block still swap elsewhere."""
+    from dsnot_modifier.masks import initial_mask
+    from dsnot_modifier.swaps import refine_mask
+
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 32, 32
+    x = torch.randn(512, cols, generator=g) + 0.3
+    x[:, :3] = 0  # dead inputs: columns 0, 1, 2
+    dense = torch.randn(rows, cols, generator=g)
+    current = dense.masked_fill(initial_mask(dense, None, (2, 4), "magnitude"), 0)
+    current[:, :3] = 0  # as SparseGPT leaves them: block 0 holds 3 or 4 zeros
+    stats = InputStats(cols, with_moments=True, with_gram=True)
+    stats.update(x)
+    extra = dict(gram=stats.gram()) if objective == "gram" else dict(
+        mean=stats.mean(), var=stats.var(), sqnorm=stats.sqnorm())
+    result = refine_mask(dense, current, objective=objective, nm=(2, 4), **extra)
+    counts = lambda w: (w == 0).reshape(rows, -1, 4).sum(-1)  # noqa: E731
+    assert torch.equal(counts(result.weight), counts(current))
+    assert int(counts(current)[:, 0].min()) >= 3
+    assert result.swaps > 0
+    check_refined(current, result.weight, (2, 4), "layer")
