@@ -97,8 +97,8 @@ def test_main_job_example(austen_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "main.json"
     code = run_example_main("examples/main_job.py",
                             ["--model", austen_model_dir, "--sparsity", "2:4", "--objectives", "gram",
-                             "--calib-samples", "2", "--seq-len", "32", "--eval-windows", "2",
-                             "--json", str(out)], monkeypatch)
+                             "--calib-samples", "4", "--seq-len", "32", "--eval-windows", "2",
+                             "--json", str(out)], monkeypatch)  # 128 tokens: min_tokens
     assert code == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["dense", "wanda", "wanda+dsnot (gram)"]
@@ -124,8 +124,8 @@ def test_prune_quantize_export_example(austen_model_dir, tmp_path, capsys):
     assert sum(layer["swaps"] for layer in report["layers"]) > 0
     assert "perplexity of the pruned W8A8 model" in text
     # an existing checkpoint is not replaced without --overwrite
-    assert example.main(["--model", austen_model_dir, "--out", str(out), "--calib-samples", "2",
-                         "--seq-len", "16"]) == 2
+    assert example.main(["--model", austen_model_dir, "--out", str(out), "--calib-samples", "4",
+                         "--seq-len", "32"]) == 2  # 128 tokens: DSnoT's min_tokens
 
 
 def test_prune_with_recipe_and_evaluate_examples(austen_model_dir, tmp_path, monkeypatch, capsys):

@@ -18,9 +18,10 @@ under half a quantization step into zeros (INT8 and W4A16 do, now and then). Tho
 are reported, not refused. Failures: fewer zeros than the report counts (pruned
 weights made non-zero again, e.g. by GPTQ), an N:M block with fewer than N zeros, a
 dense (unquantized) layer whose number of zeros differs from the report's, a layer
-of the report missing from the checkpoint or of another shape. The report holds
-counts, not the mask itself: a swap of one zero for another that keeps every count
-and block is not detectable.
+of the report missing from the checkpoint or of another shape, and a zero mask
+other than the report's digest of it (when the stored layer holds exactly the
+report's number of zeros; reports made before the digest have none, and for them a
+swap of one zero for another that keeps every count and block is not detectable).
 """
 
 from __future__ import annotations
@@ -362,6 +363,15 @@ def _check_layer(entry: dict, tensors: _Tensors, quant_config: dict | None) -> L
             f"{check.zeros} zeros, fewer than the report's {check.report_zeros}: weights "
             "DSnoT pruned are non-zero here (changed after DSnoT, e.g. by GPTQ or by hand)"
         )
+    elif check.zeros == check.report_zeros and entry.get("mask_digest"):
+        # issue 13: the same count is not the same mask (a zero moved elsewhere)
+        from dsnot_modifier.distributed import mask_digest
+
+        if mask_digest(~zero) != entry["mask_digest"]:
+            check.problems.append(
+                "the zero mask differs from the one DSnoT left (same number of zeros, other "
+                "places): the weights were changed after DSnoT"
+            )
     elif check.zeros > check.report_zeros:
         if quantized:
             check.extra_zeros = check.zeros - check.report_zeros

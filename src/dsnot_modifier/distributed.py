@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence, TypeVar
+from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,10 +30,9 @@ from compressed_tensors.utils import align_module_device
 from loguru import logger
 
 from dsnot_modifier.errors import FIX_DISTRIBUTED, DSnoTConfigError, DSnoTDistributedError
+from dsnot_modifier.report import LayerReport, SkippedLayer
 from dsnot_modifier.stats import InputStats, LayerState
 
-if TYPE_CHECKING:
-    from dsnot_modifier.report import LayerReport
 
 __all__ = [
     "DSnoTDistributedError",
@@ -235,9 +234,10 @@ def receive_weight(module: torch.nn.Module, weight: torch.Tensor):
 
 # --------------------------------------------------------------- the epoch
 
-#: refine one layer: (module, its dense weight, its input statistics) -> its report,
-#: or None if the layer was left as it is; writes the refined weight into the module
-Refine = Callable[[torch.nn.Module, torch.Tensor, InputStats], "LayerReport | None"]
+#: refine one layer: (module, its dense weight, its input statistics) -> its report
+#: (and the refined weight written into the module), or the reason it was left as
+#: it is (a SkippedLayer, or None)
+Refine = Callable[[torch.nn.Module, torch.Tensor, InputStats], "LayerReport | SkippedLayer | None"]
 
 
 def refine_across_ranks(
@@ -252,7 +252,7 @@ def refine_across_ranks(
     refine_all: bool = False,
     first: bool = False,
     track: Callable[[], None] = lambda: None,
-) -> dict[str, tuple["LayerReport", int]]:
+) -> dict[str, tuple[LayerReport | SkippedLayer, int]]:
     """
     One subgraph's refinement spread over the ranks (every rank calls the same
     collectives in the same order; a failure on one rank reaches all of them):
@@ -277,7 +277,8 @@ def refine_across_ranks(
     :param refine_all: refine the layers no earlier pruner pruned too (``initial``)
     :param first: the first subgraph of the run (warn if all ranks saw the same data)
     :param track: called once the statistics of every layer are held (memory accounting)
-    :return: name -> (report, owner rank) of every layer refined, in forward order
+    :return: name -> (report, owner rank) of every layer refined or left alone
+        (a SkippedLayer, not broadcast), in forward order
     """
     by_name = {name: module for module, name in names.items()}
     gathered = group.all_gather_object(
@@ -334,7 +335,8 @@ def refine_across_ranks(
     for gathered_reports in group.all_gather_object(reports, "sharing the layer reports"):
         reports.update(gathered_reports)
 
-    written = [name for name in todo if reports.get(name) is not None]
+    # the layers refined (a layer left alone, e.g. with too few tokens, is as it was)
+    written = [name for name in todo if isinstance(reports.get(name), LayerReport)]
     for name in written:
         _receive_or_send(group, by_name[name], name, owners[name])
     digests = {}
@@ -349,7 +351,7 @@ def refine_across_ranks(
             "of the refined weights did not reach every rank's copy of the model. "
             "Please report this with the way the model was loaded and offloaded"
         )
-    return {name: (reports[name], owners[name]) for name in written}
+    return {name: (reports[name], owners[name]) for name in todo if name in reports}
 
 
 def describe_layers(layers: dict[torch.nn.Module, LayerState], names: dict) -> list[dict]:

@@ -23,6 +23,9 @@ __all__ = [
     "initial_mask",
     "Initial",
     "INITIAL_KINDS",
+    "check_blocks",
+    "check_refined",
+    "RefinedStructureError",
     "INFER_BLOCK_SIZES",
 ]
 
@@ -36,6 +39,10 @@ INITIAL_KINDS: tuple[str, ...] = get_args(Initial)
 
 class MaskStructureError(ValueError):
     """A mask structure that is malformed, impossible, or contradicts the zeros."""
+
+
+class RefinedStructureError(RuntimeError):
+    """A refined weight whose zeros break the structure (never written back)."""
 
 
 def parse_mask_structure(value: str | None) -> tuple[int, int] | None:
@@ -164,6 +171,60 @@ def check_structure(
             f"{name}: mask_structure '{n}:{m}' contradicts the zeros left by the earlier "
             f"pruner ({format_structure(found)}); set mask_structure to what the pruner "
             "used, or leave it unset to read it from the zeros"
+        )
+
+
+def check_blocks(current: torch.Tensor, nm: tuple[int, int], name: str, pruner: str):
+    """
+    Check that every block of M input columns of ``current`` holds at least N zeros
+    (more are allowed: SparseGPT zeroes the input columns calibration never
+    activates, so some blocks hold more than N).
+
+    :raises MaskStructureError: naming the layer, if a block holds fewer
+    """
+    n, m = nm
+    rows, cols = current.shape
+    if cols % m:
+        raise MaskStructureError(
+            f"{name}: {pruner} was given mask_structure '{n}:{m}' but the layer has {cols} "
+            f"input columns, not a multiple of {m}; ignore this layer in the pruner or use "
+            "another N:M"
+        )
+    counts = block_zero_counts(current == 0, m)
+    short = int((counts < n).sum())
+    if short:
+        raise MaskStructureError(
+            f"{name}: {pruner} was given mask_structure '{n}:{m}' but {short} of the "
+            f"layer's {counts.numel()} blocks of {m} hold fewer than {n} zeros before DSnoT; "
+            "another modifier between the pruner and DSnoTModifier changed the weights: "
+            "move DSnoTModifier right after the pruner"
+        )
+
+
+def check_refined(
+    before: torch.Tensor, after: torch.Tensor, nm: tuple[int, int] | None, name: str
+):
+    """
+    Check a refined weight before it is written back: every row keeps its number of
+    zeros (unstructured), every block of M columns keeps its number of zeros, at
+    least N (N:M; blocks with extra zeros keep them).
+
+    :raises RefinedStructureError: if not (a defect of DSnoT: nothing is written)
+    """
+    zb, za = before == 0, after == 0
+    if nm is None:
+        bad = int(((zb.sum(1) != za.sum(1))).sum())
+        what = "rows whose number of zeros changed"
+    else:
+        n, m = nm
+        cb, ca = block_zero_counts(zb, m), block_zero_counts(za, m)
+        bad = int(((cb != ca) | (ca < n)).sum())
+        what = f"blocks of {m} whose number of zeros changed or is below {n}"
+    if bad:
+        raise RefinedStructureError(
+            f"{name}: DSnoT's refined weight has {bad} {what} ({format_structure(nm)}); it "
+            "was not written, the layer is as the pruner left it. This is a defect of "
+            "dsnot-modifier: please report it with the recipe and the model"
         )
 
 

@@ -2,15 +2,15 @@
 DSnoTModifier: llm-compressor glue around :mod:`dsnot_modifier.swaps`.
 
 The lifecycle calls plain functions: the recipe checks (:mod:`.recipe_checks`),
-the input statistics (:mod:`.stats`), the structures and initial masks
-(:mod:`.masks`), the refinement (:mod:`.swaps`), the distributed epoch
-(:mod:`.distributed`) and the report with its save-time hook (:mod:`.report`).
+the layers refined or left alone (:mod:`.layers`), the input statistics
+(:mod:`.stats`), the structures and initial masks (:mod:`.masks`), the
+refinement (:mod:`.swaps`), the distributed epoch (:mod:`.distributed`) and the
+report with its save-time hook (:mod:`.report`).
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from typing import Literal
 
 import torch
@@ -29,15 +29,15 @@ from dsnot_modifier.distributed import (
     refine_across_ranks,
     world_size,
 )
-from dsnot_modifier.errors import FIX_ORDER, DSnoTConfigError, DSnoTDistributedError
-from dsnot_modifier.masks import (
-    Initial,
-    MaskStructureError,
-    check_structure,
-    format_structure,
-    infer_structure,
-    initial_mask,
+from dsnot_modifier.errors import DSnoTConfigError, DSnoTDistributedError
+from dsnot_modifier.layers import (
+    PrunerTarget,
+    check_model_inputs,
+    close_report,
+    layer_structure,
+    pruner_targets,
 )
+from dsnot_modifier.masks import Initial, check_refined, format_structure, initial_mask
 from dsnot_modifier.offload import check_offload_writable, snapshot_weight, write_weight
 from dsnot_modifier.recipe_checks import (
     check_distributed_pruners,
@@ -46,11 +46,14 @@ from dsnot_modifier.recipe_checks import (
     check_settings,
     check_targets,
 )
-from dsnot_modifier.report import DSnoTReport, LayerReport, attach_report
-from dsnot_modifier.stats import InputStats, LayerState, Variance
+from dsnot_modifier.report import DSnoTReport, LayerReport, SkippedLayer, attach_report
+from dsnot_modifier.stats import InputStats, LayerState, SharedInputs, Variance
 from dsnot_modifier.swaps import DEFAULT_THRESHOLD, Objective, refine_mask
 
 __all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTDistributedError"]
+
+#: default of ``min_tokens`` (measured: benchmarks/min_tokens.py, see BENCHMARKS.md)
+MIN_TOKENS = 128
 
 #: the fields written into the report's ``params``
 _REPORTED = {
@@ -96,21 +99,26 @@ class DSnoTModifier(Modifier):
     Lifecycle:
 
     - on_initialize
-        - find the target layers; check the recipe (:mod:`.recipe_checks`)
+        - find the target layers; check the recipe (:mod:`.recipe_checks`); warn of MoE
+          experts that are not Linear layers, refuse padded calibration (:mod:`.layers`)
         - register_hook(module, calibrate_module, "forward")
     - on_calibration_start
         - under torchrun: make DSnoT's process group (collectives with a timeout);
           refuse a pruner (its masks would differ between ranks)
-        - check that disk-offloaded target layers can be written
+        - check that disk-offloaded target layers can be written; read the structure
+          each pruner was asked for (:func:`.layers.pruner_targets`)
     - calibrate_module (every batch)
         - first batch of a layer: check that the pruner calibrates in the same pass
           (sequential pipeline), snapshot the layer's dense weight
-        - accumulate input statistics, shared by layers that read the same input
+        - accumulate input statistics, shared by layers that read the same input in
+          the batch (q/k/v, gate/up, every expert's gate/up; :class:`.stats.SharedInputs`)
     - on_sequential_epoch_end (after the pruner's own)
-        - refine every pruned layer of the subgraph, write its weight, free its state;
+        - refine every pruned layer of the subgraph (one that saw fewer than
+          ``min_tokens`` is left alone), check its structure, write it, free its state;
           under torchrun, spread over the ranks (:func:`.distributed.refine_across_ranks`)
     - on_calibration_end
-        - remove hooks, log the summary; error if no layer was refined
+        - remove hooks; list and warn of the layers left alone, log the summary; error
+          if no layer was refined (:func:`.layers.close_report`)
     - on_finalize
         - attach the report to ``model.save_pretrained`` (``dsnot_report.json``)
 
@@ -127,8 +135,12 @@ class DSnoTModifier(Modifier):
         calibration sequence, averaged, as the authors' code) or ``global``
     :param sign_check: ``mean`` only: refuse swaps that flip the sign of a row's
         expected error; unset means the paper's choice (off unstructured, on N:M)
-    :param mask_structure: ``"N:M"`` or ``"0:0"``; unset, it is read from the zeros
-        the pruner left. Given, it must agree with them
+    :param mask_structure: ``"N:M"`` or ``"0:0"``; unset, it is the pruner's own
+        ``mask_structure`` (so SparseGPT 2:4 blocks with extra zeros stay N:M). Given,
+        it must agree with the pruner's
+    :param min_tokens: a layer that saw fewer calibration tokens (an MoE expert
+        under routed calibration) is left exactly as the pruner left it, listed in
+        the report's ``skipped`` and named in one warning
     :param initial: ``wanda`` or ``magnitude`` to make the initial mask without an
         earlier pruner (standalone); needs ``sparsity`` unless N:M is given
     :param sparsity: fraction of weights to prune, standalone only (0 < s < 1)
@@ -158,6 +170,7 @@ class DSnoTModifier(Modifier):
     targets: str | list[str] = Field(default_factory=lambda: ["Linear"])
     ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"])
     chunk_rows: int | None = Field(default=None, ge=1)
+    min_tokens: int = Field(default=MIN_TOKENS, ge=1)
     snapshot_device: Literal["auto", "execution", "cpu"] = "auto"
     dist_timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
 
@@ -165,7 +178,10 @@ class DSnoTModifier(Modifier):
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
     _pruners: list[Modifier] = PrivateAttr(default_factory=list)
     _layers: dict[torch.nn.Module, LayerState] = PrivateAttr(default_factory=dict)
-    _last: LayerState | None = PrivateAttr(default=None)
+    _shared: SharedInputs = PrivateAttr(default_factory=SharedInputs)
+    # the layers the pruners prune, with the structure each was asked for (None:
+    # standalone, or a pruner that does not say; then every target counts)
+    _pruned_by: dict[torch.nn.Module, PrunerTarget] | None = PrivateAttr(default=None)
     _report: DSnoTReport | None = PrivateAttr(default=None)
     _group: RankGroup | None = PrivateAttr(default=None)
     _loads: list[float] = PrivateAttr(default_factory=list)
@@ -179,15 +195,6 @@ class DSnoTModifier(Modifier):
     @classmethod
     def _targets_list(cls, value):
         return [value] if isinstance(value, str) else value
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity_range(cls, value):
-        if value is not None and not 0 < value < 1:
-            raise ValueError(
-                f"sparsity must lie strictly between 0 and 1 (e.g. 0.5), got {value}"
-            )
-        return value
 
     @model_validator(mode="after")
     def _check_settings(self) -> "DSnoTModifier":
@@ -241,6 +248,7 @@ class DSnoTModifier(Modifier):
         check_targets(self._names, self.targets, self.ignore)
         self._pruners = check_recipe(self, active_session().lifecycle.recipe.modifiers)
         self._report = DSnoTReport(params=self._params())
+        check_model_inputs(state.model, getattr(getattr(state, "data", None), "calib", None))
         # hooks from the start (not at calibration start), so that a pruner calibrating
         # in a pass of its own is caught at its first forward, before it prunes anything
         for module in self._names:
@@ -250,6 +258,9 @@ class DSnoTModifier(Modifier):
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         self._peak_state_bytes = 0
         self._owners = {}
+        # the pruners registered their layers at their own calibration start (before
+        # this one, in recipe order)
+        self._pruned_by = pruner_targets(self._pruners, self._names)
         error = None
         try:
             self._setup_distributed()
@@ -274,51 +285,31 @@ class DSnoTModifier(Modifier):
             self._loads = [0.0] * self._group.world_size
 
     def _new_stats(self, module: torch.nn.Module, num_columns: int) -> InputStats:
-        return InputStats(
-            num_columns,
-            device=get_execution_device(module),
-            with_moments=self.objective == "mean",
-            with_gram=self.objective == "gram",
-        )
+        return InputStats(num_columns, device=get_execution_device(module),
+                          with_moments=self.objective == "mean", with_gram=self.objective == "gram")
 
     def _track_state(self):
         self._peak_state_bytes = max(self._peak_state_bytes, self.state_bytes)
 
     def calibrate_module(self, module: torch.nn.Module, args: tuple, _output: torch.Tensor):
         """Forward hook: snapshot the dense weight once, accumulate input statistics."""
-        inp = args[0]
         layer = self._layers.get(module)
         if layer is None:
             check_same_pass(self, active_session().lifecycle.recipe.modifiers)
             layer = self._layers[module] = LayerState(dense=snapshot_weight(module, self.snapshot_device))
             self._track_state()
-        if layer.stats is None:
-            if self._last is not None and self._last.same_input(inp):
-                # same input tensor as the layer before (q/k/v, gate/up): share
-                layer.stats = self._last.stats
-                return
-            layer.stats, layer.leader = self._new_stats(module, inp.shape[-1]), True
+        new_stats = lambda columns: self._new_stats(module, columns)  # noqa: E731
+        if layer.accumulate(args[0], self._shared, new_stats, self._names[module]):
             self._track_state()
-        if layer.leader:
-            if not bool(torch.isfinite(inp).all()):
-                # before the pruner touches this layer (it prunes at the epoch's end)
-                layer.stats.update(inp)
-                layer.stats.check_finite(self._names[module])
-            layer.stats.update(inp)
-            layer.input = weakref.ref(inp)
-            self._last = layer
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
-        self._last = None
+        self._shared.clear()
         self._setup_distributed()  # if outside a pipeline that started calibration
         if self._group is None:
             for module in list(self._layers):
                 layer = self._layers.pop(module)
-                report = self._refine(module, layer.dense, layer.stats)
+                self._report.add(self._refine(module, layer.dense, layer.stats))
                 del layer
-                if report is not None:
-                    self._report.layers.append(report)
-                    logger.info("DSnoT " + report.line())
             return
         results = refine_across_ranks(
             self._group, self._layers, self._names, self._refine, self._new_stats,
@@ -326,24 +317,19 @@ class DSnoTModifier(Modifier):
             first=not self._owners, track=self._track_state,
         )
         for name, (report, owner) in results.items():
-            self._owners[name] = owner
-            self._report.layers.append(report)
-            if owner == self._group.rank:
-                logger.info(f"DSnoT (rank {self._group.rank}) " + report.line())
+            if isinstance(report, LayerReport):
+                self._owners[name] = owner
+            mine = owner == self._group.rank
+            self._report.add(report, f"DSnoT (rank {owner})" if mine else None)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
         self._layers.clear()
-        self._last = None
+        self._shared.clear()
         if self._group is not None:
             self._group.destroy()
             self._group = None
-        if not self._report.layers:
-            raise DSnoTConfigError(
-                "DSnoTModifier refined no layer: none of its target layers was pruned by "
-                f"an earlier modifier during calibration; {FIX_ORDER}"
-            )
-        logger.info(self._report.summary_line())
+        close_report(self._report, self._names, self.min_tokens)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         self.remove_hooks()
@@ -355,18 +341,22 @@ class DSnoTModifier(Modifier):
 
     def _refine(
         self, module: torch.nn.Module, dense: torch.Tensor, stats: InputStats
-    ) -> LayerReport | None:
+    ) -> LayerReport | SkippedLayer:
         """Refine one layer on its execution device, timed as llm-compressor's modifiers are."""
         with torch.no_grad(), align_module_device(module), CompressionLogger(module) as log:
             layer = self._refine_layer(module, dense, stats)
-            if layer is not None:
+            if isinstance(layer, LayerReport):
                 log.set_results(name="DSnoT", loss=layer.error_after)
         return layer
 
     def _refine_layer(
         self, module: torch.nn.Module, dense: torch.Tensor, stats: InputStats
-    ) -> LayerReport | None:
+    ) -> LayerReport | SkippedLayer:
         name = self._names[module]
+        if stats.tokens < self.min_tokens:  # a routed expert: left as the pruner left it
+            return SkippedLayer(name, "few tokens", stats.tokens, f"saw {stats.tokens} calibration "
+                                f"tokens, fewer than min_tokens={self.min_tokens}")
+        asked = None if self._pruned_by is None else self._pruned_by.get(module)
         current = module.weight.detach()
         dense = dense.to(current.device)
         new_zeros = bool(((current == 0) & (dense != 0)).any())
@@ -384,10 +374,10 @@ class DSnoTModifier(Modifier):
             nm, origin = self._nm, self.initial
         elif not new_zeros:
             logger.debug(f"DSnoT: {name} was not pruned by an earlier modifier, left as it is")
-            return None
+            return SkippedLayer(name, "not pruned", stats.tokens, "the pruner left it dense")
         else:
             stats.check_finite(name)
-            nm = self._structure(name, current, dense)
+            nm = layer_structure(name, current, dense, asked, self.mask_structure, self._nm)
             origin = "pruner"
         start = time.perf_counter()
         result = refine_mask(
@@ -403,18 +393,11 @@ class DSnoTModifier(Modifier):
             **stats.for_objective(self.objective, self.variance),
         )
         seconds = time.perf_counter() - start
+        check_refined(current, result.weight, nm, name)  # never write a broken structure
         write_weight(module, name, result.weight)
         return LayerReport.of(result, name=name, structure=format_structure(nm),
-                              objective=self.objective, initial=origin, seconds=seconds)
-
-    def _structure(self, name: str, current: torch.Tensor, dense: torch.Tensor):
-        if self.mask_structure is None:
-            return infer_structure(current, dense)
-        try:
-            check_structure(current, self._nm, dense, name)
-        except MaskStructureError as err:
-            raise DSnoTConfigError(str(err)) from None
-        return self._nm
+                              objective=self.objective, initial=origin, seconds=seconds,
+                              pruner_structure=asked.mask_structure if asked else None)
 
     def _params(self) -> dict:
         return self.model_dump(include=_REPORTED)

@@ -141,6 +141,8 @@ def check_settings(
         keep (``"0:0"`` for a standalone unstructured run that left it unset)
     :raises ValueError: naming the fix (pydantic reports it as a validation error)
     """
+    if sparsity is not None and not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must lie strictly between 0 and 1 (e.g. 0.5), got {sparsity}")
     try:
         nm = parse_mask_structure(mask_structure)
     except MaskStructureError as err:

@@ -17,6 +17,7 @@ from loguru import logger
 
 __all__ = [
     "LayerReport",
+    "SkippedLayer",
     "DSnoTReport",
     "REPORT_FILE_NAME",
     "attach_report",
@@ -46,6 +47,10 @@ class LayerReport:
         ``gram``: Σ e_iᵀ H e_i, the expected squared output error)
     :param error_after: the same after refinement
     :param seconds: time spent refining the layer
+    :param pruner_structure: the ``mask_structure`` the pruner was given (``"2:4"``,
+        ``"0:0"``); None for standalone DSnoT or a report made before it was recorded
+    :param mask_digest: a digest of the layer's zero mask after refinement (see
+        :func:`dsnot_modifier.distributed.mask_digest`), checked by ``dsnot verify``
     """
 
     name: str
@@ -60,11 +65,15 @@ class LayerReport:
     error_before: float
     error_after: float
     seconds: float
+    pruner_structure: str | None = None
+    mask_digest: str | None = None
 
     @classmethod
     def of(cls, result, *, name: str, structure: str, objective: str, initial: str,
-           seconds: float) -> "LayerReport":
+           seconds: float, pruner_structure: str | None = None) -> "LayerReport":
         """The report of a layer refined into ``result`` (a :class:`~dsnot_modifier.swaps.RefineResult`)."""
+        from dsnot_modifier.distributed import mask_digest  # (distributed imports this module)
+
         weight = result.weight
         zeros = int((weight == 0).sum())
         return cls(
@@ -80,6 +89,8 @@ class LayerReport:
             error_before=result.error_before,
             error_after=result.error_after,
             seconds=seconds,
+            pruner_structure=pruner_structure,
+            mask_digest=mask_digest(weight),
         )
 
     @property
@@ -99,11 +110,44 @@ class LayerReport:
 
 
 @dataclass
+class SkippedLayer:
+    """
+    A target layer DSnoT left exactly as it was, and why.
+
+    :param name: module name in the model
+    :param reason: ``"never called"`` (no forward during calibration: a vision tower
+        under text data, an expert no token reached), ``"not pruned"`` (the pruner
+        left it dense or does not target it), ``"few tokens"`` (fewer calibration
+        tokens than ``min_tokens``: left as the pruner left it)
+    :param tokens: calibration tokens the layer saw (None if never called)
+    :param detail: a sentence for people
+    """
+
+    name: str
+    reason: str
+    tokens: int | None = None
+    detail: str = ""
+
+
+@dataclass
 class DSnoTReport:
-    """All layers of one run, with the settings used."""
+    """All layers of one run, with the settings used, and the layers left alone."""
 
     params: dict = field(default_factory=dict)
     layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+
+    def skipped_names(self, reason: str) -> list[str]:
+        return [s.name for s in self.skipped if s.reason == reason]
+
+    def add(self, entry: "LayerReport | SkippedLayer | None", log: str | None = "DSnoT"):
+        """Add a refined layer (logged after ``log``, unless None) or one left alone."""
+        if isinstance(entry, SkippedLayer):
+            self.skipped.append(entry)
+        elif entry is not None:
+            self.layers.append(entry)
+            if log is not None:
+                logger.info(f"{log} {entry.line()}")
 
     def summary(self) -> dict:
         n = len(self.layers)
@@ -129,6 +173,7 @@ class DSnoTReport:
             "params": self.params,
             "summary": self.summary(),
             "layers": [asdict(layer) for layer in self.layers],
+            "skipped": [asdict(layer) for layer in self.skipped],
         }
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -141,7 +186,11 @@ class DSnoTReport:
     def load(cls, path: str | os.PathLike) -> "DSnoTReport":
         """The report at ``path`` (the JSON file, or the directory that holds it)."""
         data = read_report(path)
-        return cls(params=data["params"], layers=[LayerReport(**x) for x in data["layers"]])
+        return cls(
+            params=data["params"],
+            layers=[LayerReport(**x) for x in data["layers"]],
+            skipped=[SkippedLayer(**x) for x in data.get("skipped", [])],
+        )
 
 
 def write_json(path: str | os.PathLike, data) -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Callable, Literal, get_args
 
 import torch
 
-__all__ = ["InputStats", "LayerState", "NonFiniteStatisticsError", "Variance", "VARIANCE_KINDS"]
+__all__ = ["InputStats", "LayerState", "SharedInputs", "NonFiniteStatisticsError",
+           "Variance", "VARIANCE_KINDS"]
 
 #: how the variance of an input column is defined, see :meth:`InputStats.var`
 Variance = Literal["per_sequence", "global"]
@@ -71,13 +72,17 @@ class InputStats:
     def update(self, x: torch.Tensor):
         """
         Add a batch of inputs: ``[batch, seq, C]`` (one sequence per batch row) or
-        ``[tokens, C]`` (taken as one sequence).
+        ``[tokens, C]`` (taken as one sequence). An input without tokens (an MoE
+        expert no token was routed to is called with a 0-row input) changes nothing:
+        it is not counted as a sequence, so no statistic becomes NaN.
         """
         x = x.detach()
         if x.shape[-1] != self.num_columns:
             raise ValueError(
                 f"input has {x.shape[-1]} features, the layer expects {self.num_columns}"
             )
+        if x.numel() == 0:
+            return
         x = x.reshape(1, -1, self.num_columns) if x.dim() <= 2 else x.reshape(
             -1, x.shape[-2], self.num_columns
         )
@@ -182,6 +187,67 @@ class InputStats:
                 )
 
 
+class SharedInputs:
+    """
+    Which statistics already accumulate a given input tensor, so that every layer
+    reading the same input in the same batch shares one :class:`InputStats`
+    (q/k/v; gate/up; under MoE all-expert calibration, the gate and up projections
+    of every expert of a decoder layer), whatever the order of the calls in between.
+
+    llm-compressor's linearized experts (``LinearExperts2D``) call each expert with
+    the very tensor object they receive (``expert(hidden_states)``) under all-expert
+    calibration, and with one fresh tensor per expert (``hidden_states[idx]``) under
+    routed calibration, read by that expert's gate and up projections. An input is
+    recognised by its memory: data pointer, shape, strides, dtype and device (so a
+    view of the same memory with the same layout counts as the same input), while
+    the first tensor seen with that layout is alive (a weak reference: freed memory
+    may be reused by other data) and unchanged (the tensor's version counter,
+    shared by its views, is the one recorded). An input without elements (an
+    expert no token was routed to) has no memory of its own: it is recognised by
+    object identity only. No content is read: a lookup costs O(1) whatever the size.
+    """
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple[weakref.ref, int, "InputStats"]] = {}
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        if x.numel() == 0:
+            return ("object", id(x))
+        return ("memory", x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device)
+
+    def lookup(self, x: torch.Tensor) -> "InputStats | None":
+        """The statistics registered for this input, if it is the same, unchanged."""
+        entry = self._entries.get(self._key(x))
+        if entry is None:
+            return None
+        ref, version, stats = entry
+        first = ref()
+        if first is None or _version(first) != version or _version(x) != version:
+            return None
+        if x.numel() == 0 and first is not x:
+            return None
+        return stats
+
+    def add(self, x: torch.Tensor, stats: "InputStats"):
+        self._entries[self._key(x)] = (weakref.ref(x), _version(x), stats)
+        # entries whose tensor is gone can never match again: drop them
+        if len(self._entries) > 64:
+            self._entries = {k: v for k, v in self._entries.items() if v[0]() is not None}
+
+    def clear(self):
+        self._entries.clear()
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's version counter (None for inference tensors, which have none:
+    they cannot be changed in place outside inference mode either)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 @dataclass
 class LayerState:
     """
@@ -189,18 +255,42 @@ class LayerState:
 
     :param dense: the layer's dense weight, copied at its first forward
     :param stats: the statistics of its inputs (one object for the layers that
-        read the same input tensor)
+        read the same input, see :class:`SharedInputs`)
     :param leader: this layer accumulates ``stats`` (the first of the layers sharing it)
-    :param input: the last input the leader accumulated (a weak reference), so that
-        the next layer can tell whether it reads the same tensor
     """
 
     dense: torch.Tensor | None = None
     stats: InputStats | None = None
     leader: bool = False
-    input: weakref.ref | None = None
 
-    def same_input(self, inp: torch.Tensor) -> bool:
-        """``inp`` is the very tensor this leader accumulated last, of as many columns."""
-        last = self.input() if self.input is not None else None
-        return last is inp and self.stats.num_columns == inp.shape[-1]
+    def accumulate(
+        self,
+        inp: torch.Tensor,
+        shared: SharedInputs,
+        new_stats: Callable[[int], InputStats],
+        name: str,
+    ) -> bool:
+        """
+        Add one batch's input of the layer: at its first batch, share the statistics
+        of an earlier layer that read the same input in this batch (``shared``) or
+        start its own (``new_stats(columns)``); a leader adds the input (and
+        registers it in ``shared``), a layer sharing another's adds nothing.
+
+        :return: whether new statistics were made (their memory is new)
+        :raises NonFiniteStatisticsError: naming ``name``, if the input is not finite
+        """
+        made = False
+        if self.stats is None:
+            found = shared.lookup(inp)
+            if found is not None and found.num_columns == inp.shape[-1]:
+                self.stats = found  # q/k/v, gate/up, every expert's gate/up: share
+                return False
+            self.stats, self.leader, made = new_stats(inp.shape[-1]), True, True
+        if self.leader:
+            if not bool(torch.isfinite(inp).all()):
+                # before the pruner touches this layer (it prunes at the epoch's end)
+                self.stats.update(inp)
+                self.stats.check_finite(name)
+            self.stats.update(inp)
+            shared.add(inp, self.stats)
+        return made

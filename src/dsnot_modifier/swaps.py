@@ -125,6 +125,18 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _blocks_without_kept(wc: torch.Tensor, m: int) -> torch.Tensor:
+    """
+    ``[rows, cols]``: True in the blocks of M columns that hold no kept weight (all
+    zero, e.g. SparseGPT N:M on inputs calibration never activates). A weight grown
+    there has no kept weight of its block to prune in exchange: it is no candidate
+    (else a row whose best growth lies there would stop for good).
+    """
+    rows, cols = wc.shape
+    empty = (wc == 0).view(rows, cols // m, m).all(-1, keepdim=True)
+    return empty.expand(rows, cols // m, m).reshape(rows, cols)
+
+
 class _Objective:
     """
     One chunk of rows under one objective: what a cycle proposes, what a swap does.
@@ -196,6 +208,8 @@ class _MeanObjective(_Objective):
             grow_key = torch.mul(w, pruned).mul_(q)
         else:
             grow_key = (w * q).masked_fill_(~pruned, 0)
+        if nm is not None:
+            grow_key.masked_fill_(_blocks_without_kept(wc, nm[1]), 0)
         del pruned
         self.single = sign_check
         if sign_check:
@@ -382,6 +396,8 @@ class _GramObjective(_Objective):
         # than a masked fill)
         zero = torch.zeros((), dtype=w.dtype, device=w.device)
         self.grow_penalty = torch.where((wc != 0) | (w == 0), INF, zero)
+        if nm is not None:
+            self.grow_penalty.masked_fill_(_blocks_without_kept(wc, nm[1]), INF)
         self.prune_penalty = torch.where(wc == 0, INF, zero)
         self._scratch = torch.empty_like(w)  # d_grow, d_prune, then the update of u
         self._rows_h = torch.empty_like(w)  # rows g of H
