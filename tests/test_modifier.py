@@ -198,6 +198,7 @@ def test_report_written_next_to_checkpoint(tiny_model_dir, calib_windows, tmp_pa
                 [WandaPruningModifier(sparsity=0.5, **COMMON), dsnot], output_dir=str(out))
     data = json.loads((out / "dsnot_report.json").read_text())
     assert len(data["layers"]) == 14 and data["params"]["objective"] == "gram"
+    assert data["params"]["min_tokens"] == 128  # the rule behind the report's skipped layers
     assert data["summary"]["swaps"] == sum(layer.swaps for layer in dsnot.report.layers) > 0
     reloaded = linears(load_model(str(out)))
     for name, w in linears(model).items():
@@ -276,10 +277,37 @@ def test_structure_contradicting_the_zeros(tiny_model_dir, calib_windows):
                     idx = w.abs().reshape(w.shape[0], -1, 4).argsort(-1)[..., :2]
                     w.view(w.shape[0], -1, 4).scatter_(-1, idx, 0.0)
 
-    # Wanda (declared unstructured) prunes nothing here; the 2:4 zeros come from TwoFour
+    # Wanda (declared unstructured) prunes nothing here; the 2:4 zeros come from TwoFour,
+    # which is no pruner: DSnoT refines only the layers a pruner of the recipe prunes
     wanda = WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["re:.*nothing.*"])
     run_expecting(tiny_model_dir, calib_windows, [wanda, TwoFour(), DSnoTModifier(mask_structure="0:0", **COMMON)],
-                  DSnoTConfigError, "would break")
+                  DSnoTConfigError, "refined no layer")
+
+
+def test_layers_no_pruner_targets_hold_nothing(tiny_model_dir, calib_windows, dense, monkeypatch):
+    # Wanda prunes the attention only: DSnoT keeps no dense copy and no statistics of the
+    # MLP layers, leaves them dense, and lists them in the report
+    import dsnot_modifier.modifier as modifier_module
+
+    snapshotted = []
+    snapshot = modifier_module.snapshot_weight
+
+    def spy(module, where):
+        snapshotted.append(module)
+        return snapshot(module, where)
+
+    monkeypatch.setattr(modifier_module, "snapshot_weight", spy)
+    dsnot = DSnoTModifier(**COMMON)
+    wanda = WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["re:.*self_attn.*"])
+    model = run(tiny_model_dir, calib_windows, [wanda, dsnot])
+    names = {m: n for n, m in model.named_modules()}
+    assert snapshotted and all("self_attn" in names[m] for m in snapshotted)
+    mlp = sorted(n for n in dense if ".mlp." in n)
+    skipped = {s.name: s for s in dsnot.report.skipped}
+    assert sorted(skipped) == mlp and all(s.reason == "not pruned" for s in skipped.values())
+    after = linears(model)
+    assert all(torch.equal(after[n], dense[n]) for n in mlp)
+    assert sorted(layer.name for layer in dsnot.report.layers) == sorted(n for n in dense if "self_attn" in n)
 
 
 def test_non_finite_activations(tiny_model_dir, calib_windows):

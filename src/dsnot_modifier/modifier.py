@@ -58,7 +58,7 @@ MIN_TOKENS = 128
 #: the fields written into the report's ``params``
 _REPORTED = {
     "objective", "max_cycles", "threshold", "var_power", "variance",
-    "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore",
+    "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore", "min_tokens",
 }
 
 
@@ -182,6 +182,7 @@ class DSnoTModifier(Modifier):
     # the layers the pruners prune, with the structure each was asked for (None:
     # standalone, or a pruner that does not say; then every target counts)
     _pruned_by: dict[torch.nn.Module, PrunerTarget] | None = PrivateAttr(default=None)
+    _untargeted: set[torch.nn.Module] = PrivateAttr(default_factory=set)
     _report: DSnoTReport | None = PrivateAttr(default=None)
     _group: RankGroup | None = PrivateAttr(default=None)
     _loads: list[float] = PrivateAttr(default_factory=list)
@@ -261,6 +262,7 @@ class DSnoTModifier(Modifier):
         # the pruners registered their layers at their own calibration start (before
         # this one, in recipe order)
         self._pruned_by = pruner_targets(self._pruners, self._names)
+        self._untargeted = set()
         error = None
         try:
             self._setup_distributed()
@@ -296,6 +298,13 @@ class DSnoTModifier(Modifier):
         layer = self._layers.get(module)
         if layer is None:
             check_same_pass(self, active_session().lifecycle.recipe.modifiers)
+            if self._pruned_by is not None and module not in self._pruned_by:
+                # no pruner of the recipe prunes it: no dense copy, no statistics
+                if module not in self._untargeted:
+                    self._untargeted.add(module)
+                    self._report.skipped.append(SkippedLayer(
+                        self._names[module], "not pruned", None, "no pruner of the recipe targets it"))
+                return
             layer = self._layers[module] = LayerState(dense=snapshot_weight(module, self.snapshot_device))
             self._track_state()
         new_stats = lambda columns: self._new_stats(module, columns)  # noqa: E731
