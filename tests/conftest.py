@@ -60,3 +60,14 @@ def load_script(relative_path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def warnings_seen():
+    """The loguru warnings (and worse) logged during the test, as text."""
+    from loguru import logger
+
+    seen = []
+    handle = logger.add(lambda m: seen.append(str(m)), level="WARNING")
+    yield seen
+    logger.remove(handle)

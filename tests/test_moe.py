@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from loguru import logger
 from safetensors.torch import load_file, save_file
 
 from conftest import load_script
@@ -19,14 +18,6 @@ from dsnot_modifier.stats import InputStats, SharedInputs
 from test_architectures import COMMON, Spy, VOCAB, build, linears, tokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import WandaPruningModifier
-
-
-@pytest.fixture
-def warnings_seen():
-    seen = []
-    handle = logger.add(lambda m: seen.append(str(m)), level="WARNING")
-    yield seen
-    logger.remove(handle)
 
 
 def test_empty_input_changes_no_statistic():

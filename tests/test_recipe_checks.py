@@ -9,7 +9,6 @@ import pytest
 import torch
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-from loguru import logger
 
 from dsnot_modifier import DSnoTConfigError, DSnoTModifier
 from dsnot_modifier.recipe_checks import (
@@ -25,14 +24,6 @@ COMMON = dict(targets=["Linear"], ignore=["re:.*lm_head"])
 
 def wanda(structure="0:0"):
     return WandaPruningModifier(sparsity=0.5, mask_structure=structure, **COMMON)
-
-
-@pytest.fixture
-def warnings():
-    messages = []
-    sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
-    yield messages
-    logger.remove(sink)
 
 
 def test_pruners_before_dsnot_are_returned():
@@ -74,20 +65,20 @@ def test_mask_structure_must_agree_with_the_pruner():
     assert check_recipe(unset, [pruner, unset]) == [pruner]
 
 
-def test_gptq_after_dsnot_is_refused_quantization_after_is_not(warnings):
+def test_gptq_after_dsnot_is_refused_quantization_after_is_not(warnings_seen):
     dsnot = DSnoTModifier()
     with pytest.raises(DSnoTConfigError, match="GPTQModifier comes after DSnoTModifier.*QuantizationModifier"):
         check_recipe(dsnot, [wanda(), dsnot, GPTQModifier(scheme="W4A16", **COMMON)])
     pruner = wanda()
     assert check_recipe(dsnot, [pruner, dsnot, QuantizationModifier(scheme="W8A8", **COMMON)]) == [pruner]
-    assert warnings == []
+    assert warnings_seen == []
 
 
-def test_quantizer_before_dsnot_is_warned(warnings):
+def test_quantizer_before_dsnot_is_warned(warnings_seen):
     dsnot = DSnoTModifier()
     pruner = wanda()
     assert check_recipe(dsnot, [QuantizationModifier(scheme="W8A8", **COMMON), pruner, dsnot]) == [pruner]
-    assert len(warnings) == 1 and "['QuantizationModifier'] comes before DSnoTModifier" in warnings[0]
+    assert len(warnings_seen) == 1 and "['QuantizationModifier'] comes before DSnoTModifier" in warnings_seen[0]
 
 
 def test_same_pass():
