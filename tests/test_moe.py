@@ -173,13 +173,19 @@ def test_padding_is_refused(tiny_model_dir, calib_windows):
 
 
 def test_fused_experts_are_named_with_the_fix(tiny_model_dir, calib_windows, warnings_seen):
-    class Fused(torch.nn.Module):  # experts kept as one 3D tensor, unknown to llm-compressor
+    class FusedExperts(torch.nn.Module):  # experts kept as one 3D tensor, unknown to llm-compressor
         def __init__(self):
             super().__init__()
             self.gate_up = torch.nn.Parameter(torch.randn(4, 64, 32))
 
+    class PositionEmbedding(torch.nn.Module):  # a 3D parameter that is no expert
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.zeros(1, 16, 64))
+
     model = load_model(tiny_model_dir)
-    model.model.layers[0].moe = Fused()
+    model.model.layers[0].moe = FusedExperts()
+    model.model.pos = PositionEmbedding()
     assert unlinearized_experts(model) == ["model.layers.0.moe"]
     assert unlinearized_experts(build("llama")) == []
     from dsnot_modifier.experiments.pipeline import calibration_dataset

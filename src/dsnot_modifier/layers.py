@@ -189,11 +189,15 @@ def close_report(report: DSnoTReport, names: dict, min_tokens: int):
 
 
 def unlinearized_experts(model: torch.nn.Module) -> list[str]:
-    """Modules holding 3D (or higher) weight parameters: fused MoE experts that are
-    not one Linear per expert, which no pruner or DSnoT acts on."""
+    """Expert modules holding 3D (or higher) weight parameters: fused MoE experts that
+    are not one Linear per expert, which no pruner or DSnoT acts on. Only modules
+    whose name or class says "expert" count (a vision tower's 3D position embedding
+    is no expert)."""
     found = []
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)):
+            continue
+        if "expert" not in f"{name} {type(module).__name__}".lower():
             continue
         if any(p.dim() >= 3 for p in module.parameters(recurse=False)):
             found.append(name)
