@@ -189,3 +189,25 @@ def test_distributed_torchrun_example_equals_one_process(austen_model_dir, tmp_p
             assert torch.equal(module.weight, other), name
             compared += 1
     assert compared == 15  # 14 refined layers and lm_head
+
+
+def test_profile_oneshot_script(austen_model_dir, tmp_path):
+    """benchmarks/profile_oneshot.py on the tiny model: its steps nest, and it leaves the
+    product's functions as they were (no timing is checked)."""
+    import dsnot_modifier.modifier as modifier_module
+    from dsnot_modifier import DSnoTModifier
+
+    before = (modifier_module.refine_mask, DSnoTModifier.__dict__["calibrate_module"])
+    script = load_script("benchmarks/profile_oneshot.py")
+    out = tmp_path / "profile.json"
+    runs = script.main(["--model", austen_model_dir, "--calib-samples", "4", "--seq-len", "32",
+                        "--threads", "1", "--objectives", "gram", "--json", str(out)])
+    assert (modifier_module.refine_mask, DSnoTModifier.__dict__["calibrate_module"]) == before
+    assert [r["method"] for r in runs] == ["wanda", "wanda+dsnot (gram)"]
+    assert runs[0]["steps_s"] == {}  # Wanda alone runs no DSnoT step
+    steps, calls = runs[1]["steps_s"], runs[1]["calls"]
+    assert steps["hook: all per-batch work"] >= steps["hook: statistics update (Gram product or moments)"] > 0
+    assert steps["epoch end: all"] >= steps["epoch end: refine_mask"] > 0
+    assert calls["epoch end: refine_mask"] == 14  # every pruned Linear of the tiny model
+    assert sum(v for k, v in calls.items() if k.startswith("refine by kind")) == 14
+    assert json.loads(out.read_text())["runs"] == json.loads(json.dumps(runs))
