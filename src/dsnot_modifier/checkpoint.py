@@ -364,7 +364,7 @@ def _check_layer(entry: dict, tensors: _Tensors, quant_config: dict | None) -> L
             "DSnoT pruned are non-zero here (changed after DSnoT, e.g. by GPTQ or by hand)"
         )
     elif check.zeros == check.report_zeros and entry.get("mask_digest"):
-        # issue 13: the same count is not the same mask (a zero moved elsewhere)
+        # the same count is not the same mask (a zero moved elsewhere)
         from dsnot_modifier.distributed import mask_digest
 
         if mask_digest(~zero) != entry["mask_digest"]:
