@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from dsnot_modifier import DSnoTModifier
-from dsnot_modifier.distributed import mask_digest
+from dsnot_modifier.masks import mask_digest
 from dsnot_modifier.experiments.pipeline import calibration_dataset
 from dsnot_modifier.swaps import gram_error
 from llmcompressor import oneshot

@@ -43,6 +43,7 @@ from dsnot_modifier.masks import (
     format_structure,
     infer_structure,
     parse_mask_structure,
+    zero_mask_digest,
 )
 from dsnot_modifier.report import REPORT_FILE_NAME, read_report
 
@@ -365,9 +366,7 @@ def _check_layer(entry: dict, tensors: _Tensors, quant_config: dict | None) -> L
         )
     elif check.zeros == check.report_zeros and entry.get("mask_digest"):
         # the same count is not the same mask (a zero moved elsewhere)
-        from dsnot_modifier.distributed import mask_digest
-
-        if mask_digest(~zero) != entry["mask_digest"]:
+        if zero_mask_digest(zero) != entry["mask_digest"]:
             check.problems.append(
                 "the zero mask differs from the one DSnoT left (same number of zeros, other "
                 "places): the weights were changed after DSnoT"

@@ -14,7 +14,6 @@ files; only a layer's owner writes those, the others refresh their onloaded copy
 
 from __future__ import annotations
 
-import hashlib
 from datetime import timedelta
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
@@ -30,6 +29,7 @@ from compressed_tensors.utils import align_module_device
 from loguru import logger
 
 from dsnot_modifier.errors import FIX_DISTRIBUTED, DSnoTConfigError, DSnoTDistributedError
+from dsnot_modifier.masks import mask_digest, tensor_digest
 from dsnot_modifier.report import LayerReport, SkippedLayer
 from dsnot_modifier.stats import InputStats, LayerState
 
@@ -44,8 +44,6 @@ __all__ = [
     "agreed_layers",
     "layer_cost",
     "assign_layers",
-    "tensor_digest",
-    "mask_digest",
     "receive_weight",
 ]
 
@@ -186,24 +184,6 @@ def assign_layers(
         owners[item] = rank
         loads[rank] += cost
     return {item: owners[item] for item in costs}
-
-
-def _digest(data: torch.Tensor) -> str:
-    data = data.detach().contiguous().cpu()
-    if data.dtype == torch.bool:
-        data = data.to(torch.uint8)
-    raw = data.reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest()
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """A digest of a tensor's exact bytes (with its dtype and shape)."""
-    return f"{tensor.dtype}{list(tensor.shape)}:{_digest(tensor)}"
-
-
-def mask_digest(weight: torch.Tensor) -> str:
-    """A digest of a weight's zero mask (where it is exactly zero)."""
-    return f"mask{list(weight.shape)}:{_digest(weight == 0)}"
 
 
 def _shares_offload(module: torch.nn.Module) -> bool:

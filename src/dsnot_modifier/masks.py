@@ -7,6 +7,7 @@ Plain torch; nothing here imports llm-compressor.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Literal, get_args
 
@@ -27,6 +28,9 @@ __all__ = [
     "check_refined",
     "RefinedStructureError",
     "INFER_BLOCK_SIZES",
+    "tensor_digest",
+    "mask_digest",
+    "zero_mask_digest",
 ]
 
 #: block sizes tried, smallest first, when the structure is read from the zeros
@@ -272,3 +276,26 @@ def initial_mask(
     order = torch.sort(score.flatten(), stable=True).indices[:k]
     mask.view(-1)[order] = True
     return mask
+
+
+def _digest(data: torch.Tensor) -> str:
+    data = data.detach().contiguous().cpu()
+    if data.dtype == torch.bool:
+        data = data.to(torch.uint8)
+    raw = data.reshape(-1).view(torch.uint8).numpy()
+    return hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest()
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A digest of a tensor's exact bytes (with its dtype and shape)."""
+    return f"{tensor.dtype}{list(tensor.shape)}:{_digest(tensor)}"
+
+
+def zero_mask_digest(zero: torch.Tensor) -> str:
+    """A digest of a zero mask (bool, True where the weight is exactly zero)."""
+    return f"mask{list(zero.shape)}:{_digest(zero)}"
+
+
+def mask_digest(weight: torch.Tensor) -> str:
+    """A digest of a weight's zero mask (where it is exactly zero)."""
+    return zero_mask_digest(weight == 0)

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from loguru import logger
 
+from dsnot_modifier.masks import mask_digest
+
 __all__ = [
     "LayerReport",
     "SkippedLayer",
@@ -50,7 +52,7 @@ class LayerReport:
     :param pruner_structure: the ``mask_structure`` the pruner was given (``"2:4"``,
         ``"0:0"``); None for standalone DSnoT or a report made before it was recorded
     :param mask_digest: a digest of the layer's zero mask after refinement (see
-        :func:`dsnot_modifier.distributed.mask_digest`), checked by ``dsnot verify``
+        :func:`dsnot_modifier.masks.mask_digest`), checked by ``dsnot verify``
     """
 
     name: str
@@ -72,8 +74,6 @@ class LayerReport:
     def of(cls, result, *, name: str, structure: str, objective: str, initial: str,
            seconds: float, pruner_structure: str | None = None) -> "LayerReport":
         """The report of a layer refined into ``result`` (a :class:`~dsnot_modifier.swaps.RefineResult`)."""
-        from dsnot_modifier.distributed import mask_digest  # (distributed imports this module)
-
         weight = result.weight
         zeros = int((weight == 0).sum())
         return cls(
