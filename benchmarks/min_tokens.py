@@ -16,12 +16,12 @@ Prints a table and writes JSON (``--out``). CPU, about a minute.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
 
 from dsnot_modifier.masks import initial_mask
+from dsnot_modifier.report import write_json
 from dsnot_modifier.swaps import gram_error, refine_mask
 
 COUNTS = (2, 4, 8, 16, 32, 64, 128, 256)
@@ -99,8 +99,7 @@ def main(argv=None):
         print(f"{r['layer']:10} {r['columns']:5d} {r['tokens']:6d} {r['layers']:6d} "
               f"{r['median_ratio']:22.3f} {r['worse']:12.0%}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+        write_json(args.out, dict(args=vars(args), rows=rows))
     return rows
 
 

@@ -22,10 +22,11 @@ and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 
 import torch
+
+from dsnot_modifier.report import write_json
 
 EXPERTS = (8, 32, 128)
 
@@ -112,8 +113,7 @@ def main(argv=None):
               f"{r['expected_shared_bytes'] / mib:13.2f} {r['unshared_bytes'] / mib:13.2f} "
               f"{str(r['hidden_stats_once']):>18}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+        write_json(args.out, dict(args=vars(args), rows=rows))
     return rows
 
 
