@@ -101,8 +101,11 @@ def test_refines_sparsegpt_keeping_its_updated_values(tiny_model_dir, calib_wind
     assert all(layer.error_after < layer.error_before for layer in dsnot.report.layers)
 
 
-def test_gram_error_recomputed_is_lower(tiny_model_dir, calib_windows, dense):
-    """The report's figures are those of the layer: recompute L with captured inputs."""
+@pytest.mark.parametrize("gram_dtype, rel", [("float32", 1e-3), ("bfloat16", 2e-2)])
+def test_gram_error_recomputed_is_lower(tiny_model_dir, calib_windows, dense, gram_dtype, rel):
+    """The report's figures are those of the layer: recompute L with captured inputs
+    (float64 Gram); with bfloat16 Gram products, the figures are within their rounding
+    and the exact error still goes down."""
     captured = {}
 
     class Capture(Modifier):
@@ -112,7 +115,7 @@ def test_gram_error_recomputed_is_lower(tiny_model_dir, calib_windows, dense):
             return True
 
     spy = WeightSpy()
-    dsnot = DSnoTModifier(**COMMON)
+    dsnot = DSnoTModifier(gram_dtype=gram_dtype, **COMMON)
     model = run(tiny_model_dir, calib_windows,
                 [Capture(), WandaPruningModifier(sparsity=0.6, mask_structure="0:0", **COMMON), spy, dsnot])
     x = torch.cat(captured["x"]).reshape(-1, 128).double()
@@ -122,8 +125,9 @@ def test_gram_error_recomputed_is_lower(tiny_model_dir, calib_windows, dense):
     after = gram_error(dense[name], model.model.layers[1].mlp.down_proj.weight.detach(), h).sum()
     layer = next(r for r in dsnot.report.layers if r.name == name)
     assert after < before
-    assert layer.error_before == pytest.approx(float(before), rel=1e-3)
-    assert layer.error_after == pytest.approx(float(after), rel=1e-3)
+    assert layer.error_before == pytest.approx(float(before), rel=rel)
+    assert layer.error_after == pytest.approx(float(after), rel=rel)
+    assert dsnot.report.params["gram_dtype"] == gram_dtype
 
 
 def test_yaml_recipe_finds_the_modifier_by_name(tiny_model_dir, calib_windows):
@@ -225,6 +229,8 @@ def test_deterministic(tiny_model_dir, calib_windows):
     (dict(initial="wanda", sparsity=0.6, mask_structure="2:4"), "contradicts"),
     (dict(objective="best"), "objective"),
     (dict(max_cycles=-1), "max_cycles"),
+    (dict(objective="mean", gram_dtype="bfloat16"), "objective: gram only"),
+    (dict(gram_dtype="float16"), "gram_dtype"),
 ])
 def test_bad_settings_fail_at_construction(kwargs, match):
     with pytest.raises(ValidationError, match=match):
@@ -314,12 +320,14 @@ def test_non_finite_activations(tiny_model_dir, calib_windows):
     model = load_model(tiny_model_dir)
     with torch.no_grad():
         model.model.embed_tokens.weight[calib_windows[0, 0]] = float("nan")
-    with pytest.raises(NonFiniteStatisticsError, match="NaN or inf"):
+    with pytest.raises(NonFiniteStatisticsError, match=r"model\.layers\.0\..* NaN or inf"):
         oneshot(model=model, processor=load_tokenizer(tiny_model_dir), dataset=calibration_dataset(calib_windows),
                 recipe=[WandaPruningModifier(sparsity=0.5, **COMMON), DSnoTModifier(**COMMON)],
                 pipeline="sequential", num_calibration_samples=8, max_seq_length=32)
-    # the error came before the pruner zeroed anything
-    assert not any(bool((w == 0).any()) for w in linears(model).values())
+    # checked once per layer at the end of the first decoder layer's epoch (no host sync
+    # per batch): the error stops calibration there, nothing past that layer is pruned
+    zeroed = {n for n, w in linears(model).items() if bool((w == 0).any())}
+    assert zeroed and all(n.startswith("model.layers.0.") for n in zeroed)
 
 
 def test_package_registers_the_modifier():

@@ -143,3 +143,60 @@ def test_initial_masks_have_exact_sparsity():
     assert bool((nm.reshape(16, 10, 4).sum(-1) == 2).all())
     with pytest.raises(ValueError, match="initial"):
         initial_mask(w, 0.5, None, "random")
+
+
+def test_per_sequence_variance_is_exact_for_columns_with_a_large_mean():
+    """The shifted two-sum variance matches a float64 two-pass variance where the mean
+    dwarfs the spread (a massive activation of 1e4 with spread 1e-2): E[x²] − E[x]² on
+    unshifted float32 sums would lose every digit there (1e8 against 1e-4)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 12)
+    x[..., 0] = 1e4 + 1e-2 * x[..., 0]
+    x[1, :, 1] = 5.0  # a constant column: variance exactly 0, never negative
+    stats = InputStats(12)
+    stats.update(x)
+    exact = x.double().var(dim=1, correction=0).mean(0)
+    got = stats.var("per_sequence").double()
+    torch.testing.assert_close(got, exact, rtol=1e-4, atol=0)
+    naive = ((x.square().sum(1) / 40).double() - (x.sum(1) / 40).double().square()).mean(0)
+    assert abs(naive[0] - exact[0]) > 10 * exact[0]  # what the shift protects against
+
+
+def test_non_finite_inputs_reach_every_statistic():
+    """The finiteness check is made once per layer, on the sums: NaN or inf in any
+    batch must leave every kind of statistic non-finite (no check per batch)."""
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for with_moments, with_gram in ((True, False), (False, True)):
+            stats = InputStats(12, with_moments=with_moments, with_gram=with_gram)
+            for i, x in enumerate(batches(seed=5, n=3)):
+                if i == 1:
+                    x[0, 2, 7] = value
+                stats.update(x)
+            with pytest.raises(NonFiniteStatisticsError):
+                stats.check_finite("layer")
+
+
+def test_bfloat16_gram_products():
+    """bfloat16 Gram products: the sum of each batch's product of the inputs rounded to
+    bfloat16, in float32; exact where the inputs and products are (small integers);
+    within bfloat16's rounding of the float32 Gram otherwise."""
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 30, 16) for _ in range(3)]
+    low = InputStats(16, with_moments=False, with_gram=True, gram_dtype=torch.bfloat16)
+    full = InputStats(16, with_moments=False, with_gram=True)
+    for x in xs:
+        low.update(x)
+        full.update(x)
+    expected = sum(torch.mm(x.reshape(-1, 16).bfloat16().t(), x.reshape(-1, 16).bfloat16()).float()
+                   for x in xs)
+    assert torch.equal(low.gram_sum, expected)
+    assert low.gram_sum.dtype == torch.float32
+    torch.testing.assert_close(low.gram(), full.gram(), rtol=2e-2, atol=2e-2)
+    assert not torch.equal(low.gram(), full.gram())
+    ints = torch.randint(-3, 4, (1, 20, 16)).float()
+    exact = InputStats(16, with_moments=False, with_gram=True, gram_dtype=torch.bfloat16)
+    exact.update(ints)
+    flat = ints.reshape(-1, 16)
+    assert torch.equal(exact.gram_sum, flat.t() @ flat)
+    with pytest.raises(ValueError, match="bfloat16"):
+        InputStats(16, with_gram=True, gram_dtype=torch.float16)

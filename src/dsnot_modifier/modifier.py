@@ -59,6 +59,7 @@ MIN_TOKENS = 128
 _REPORTED = {
     "objective", "max_cycles", "threshold", "var_power", "variance",
     "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore", "min_tokens",
+    "gram_dtype",
 }
 
 
@@ -135,6 +136,9 @@ class DSnoTModifier(Modifier):
         calibration sequence, averaged, as the authors' code) or ``global``
     :param sign_check: ``mean`` only: refuse swaps that flip the sign of a row's
         expected error; unset means the paper's choice (off unstructured, on N:M)
+    :param gram_dtype: ``gram`` only: the inputs' dtype in the Gram products,
+        ``float32`` (default) or ``bfloat16`` (float32 sums; faster where the hardware
+        multiplies bfloat16, with about 0.2% error per entry, see BENCHMARKS.md)
     :param mask_structure: ``"N:M"`` or ``"0:0"``; unset, it is the pruner's own
         ``mask_structure`` (so SparseGPT 2:4 blocks with extra zeros stay N:M). Given,
         it must agree with the pruner's
@@ -164,6 +168,7 @@ class DSnoTModifier(Modifier):
     var_power: float = Field(default=1.0, ge=0)
     variance: Variance = "per_sequence"
     sign_check: bool | None = None
+    gram_dtype: Literal["float32", "bfloat16"] = "float32"
     mask_structure: str | None = None
     initial: Initial | None = None
     sparsity: float | None = None
@@ -199,6 +204,9 @@ class DSnoTModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_settings(self) -> "DSnoTModifier":
+        if self.objective != "gram" and self.gram_dtype != "float32":
+            raise DSnoTConfigError(f"gram_dtype: {self.gram_dtype} applies to objective: gram only; "
+                                   "remove gram_dtype or use objective: gram")
         self._nm, structure = check_settings(self.initial, self.sparsity, self.mask_structure)
         if structure != self.mask_structure:
             self.mask_structure = structure
@@ -288,7 +296,8 @@ class DSnoTModifier(Modifier):
 
     def _new_stats(self, module: torch.nn.Module, num_columns: int) -> InputStats:
         return InputStats(num_columns, device=get_execution_device(module),
-                          with_moments=self.objective == "mean", with_gram=self.objective == "gram")
+                          with_moments=self.objective == "mean", with_gram=self.objective == "gram",
+                          gram_dtype=getattr(torch, self.gram_dtype))
 
     def _track_state(self):
         self._peak_state_bytes = max(self._peak_state_bytes, self.state_bytes)
@@ -308,7 +317,7 @@ class DSnoTModifier(Modifier):
             layer = self._layers[module] = LayerState(dense=snapshot_weight(module, self.snapshot_device))
             self._track_state()
         new_stats = lambda columns: self._new_stats(module, columns)  # noqa: E731
-        if layer.accumulate(args[0], self._shared, new_stats, self._names[module]):
+        if layer.accumulate(args[0], self._shared, new_stats):
             self._track_state()
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):

@@ -14,7 +14,7 @@ from typing import Callable, Literal, get_args
 
 import torch
 
-__all__ = ["InputStats", "LayerState", "SharedInputs", "NonFiniteStatisticsError",
+__all__ = ["InputStats", "LayerState", "SharedInputs", "NonFiniteStatisticsError", "batch_gram",
            "Variance", "VARIANCE_KINDS"]
 
 #: how the variance of an input column is defined, see :meth:`InputStats.var`
@@ -44,6 +44,8 @@ class InputStats:
     :param num_columns: number of input features C
     :param with_moments: keep the sums behind mean, variance and mean square
     :param with_gram: keep the Gram matrix
+    :param gram_dtype: the inputs' dtype in each batch's product ``xᵀx``: float32,
+        or bfloat16 (the sum is float32 either way; see :func:`batch_gram`)
     """
 
     def __init__(
@@ -52,8 +54,12 @@ class InputStats:
         device: torch.device | str = "cpu",
         with_moments: bool = True,
         with_gram: bool = False,
+        gram_dtype: torch.dtype = torch.float32,
     ):
+        if gram_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"gram_dtype must be float32 or bfloat16, not {gram_dtype}")
         self.num_columns = num_columns
+        self.gram_dtype = gram_dtype
         self.tokens = 0
         self.sequences = 0
         zeros = lambda *shape, dtype=torch.float64: torch.zeros(  # noqa: E731
@@ -86,17 +92,22 @@ class InputStats:
         x = x.reshape(1, -1, self.num_columns) if x.dim() <= 2 else x.reshape(
             -1, x.shape[-2], self.num_columns
         )
+        low = x.to(device=self.device, dtype=self.gram_dtype) if (
+            self.gram_sum is not None and self.gram_dtype != torch.float32) else None
         x = x.to(device=self.device, dtype=torch.float32)
         flat = x.reshape(-1, self.num_columns)
         self.tokens += flat.shape[0]
         self.sequences += x.shape[0]
         if self.sum is not None:
-            self.sum += flat.sum(0).double()
+            total = flat.sum(0)
+            self.sum += total.double()
         if self.sumsq is not None:
             self.sumsq += flat.square().sum(0).double()
         if self.seq_var_sum is not None:
-            self.seq_var_sum += x.var(dim=1, correction=0).sum(0).double()
-        if self.gram_sum is not None:
+            self.seq_var_sum += _sequence_variances(x, total / flat.shape[0]).sum(0)
+        if low is not None:
+            self.gram_sum += batch_gram(low.reshape(-1, self.num_columns))
+        elif self.gram_sum is not None:
             self.gram_sum.addmm_(flat.t(), flat)
 
     def merge_(self, other: "InputStats") -> "InputStats":
@@ -187,6 +198,42 @@ class InputStats:
                 )
 
 
+def batch_gram(x: torch.Tensor) -> torch.Tensor:
+    """
+    ``xᵀx`` in float32 for ``x`` ``[tokens, C]`` in bfloat16: the product of the
+    hardware's bfloat16 units (tensor cores, AMX, AVX-512-BF16), accumulated in
+    float32. Where torch has a float32 output for it (CUDA), the result is that
+    product unrounded; elsewhere (CPU) the product comes out in bfloat16 and is
+    widened, so each batch's sum carries one bfloat16 rounding (relative 2⁻⁹) on top
+    of the inputs' own.
+    """
+    if x.device.type == "cuda":
+        try:
+            return torch.mm(x.t(), x, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch
+            pass
+    return torch.mm(x.t(), x).float()
+
+
+def _sequence_variances(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """
+    ``[batch, C]`` float64: the variance of every column within every sequence of
+    ``x`` (``[batch, seq, C]`` float32), as ``x.var(dim=1, correction=0)``.
+
+    Two column sums of the shifted input (``d = x − shift``) per sequence, in float32,
+    finished in float64: ``E[d²] − E[d]²``. The shift (the batch's column means) is
+    what keeps this exact enough: it is close to every sequence's mean, so the
+    difference has no cancellation to speak of, even for columns whose mean dwarfs
+    their spread (LLMs' massive activations). Two passes that vectorise along the
+    columns, where ``var`` over the middle dimension makes one slow strided pass.
+    """
+    d = x - shift
+    tokens = x.shape[1]
+    first = d.sum(1).double() / tokens
+    second = d.square().sum(1).double() / tokens
+    return (second - first.square()).clamp_min(0)
+
+
 class SharedInputs:
     """
     Which statistics already accumulate a given input tensor, so that every layer
@@ -268,7 +315,6 @@ class LayerState:
         inp: torch.Tensor,
         shared: SharedInputs,
         new_stats: Callable[[int], InputStats],
-        name: str,
     ) -> bool:
         """
         Add one batch's input of the layer: at its first batch, share the statistics
@@ -276,8 +322,11 @@ class LayerState:
         start its own (``new_stats(columns)``); a leader adds the input (and
         registers it in ``shared``), a layer sharing another's adds nothing.
 
+        NaN and inf are not looked for here (that would cost a host sync per batch):
+        they reach the sums, which the refinement checks once per layer
+        (:meth:`InputStats.check_finite`, naming the layer).
+
         :return: whether new statistics were made (their memory is new)
-        :raises NonFiniteStatisticsError: naming ``name``, if the input is not finite
         """
         made = False
         if self.stats is None:
@@ -287,10 +336,6 @@ class LayerState:
                 return False
             self.stats, self.leader, made = new_stats(inp.shape[-1]), True, True
         if self.leader:
-            if not bool(torch.isfinite(inp).all()):
-                # before the pruner touches this layer (it prunes at the epoch's end)
-                self.stats.update(inp)
-                self.stats.check_finite(name)
             self.stats.update(inp)
             shared.add(inp, self.stats)
         return made

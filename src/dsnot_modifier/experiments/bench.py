@@ -409,6 +409,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--var-power", type=float, default=None)
     d.add_argument("--variance", choices=VARIANCE_KINDS, default=None)
     d.add_argument("--sign-check", type=_bool_or_auto, default=None, help="on, off or auto")
+    d.add_argument("--gram-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="gram only: the inputs' dtype in the Gram products (float32 sums)")
     d.add_argument("--dsnot-targets", type=_split, default=None,
                    help="layers DSnoT refines, comma-separated (e.g. 're:.*self_attn.*' for attention only)")
     o = p.add_argument_group("OWL parameters of the owl-* methods (default: OWLModifier's)")
@@ -421,7 +423,7 @@ def run(args) -> int:
     dsnot = {
         "objective": args.objective, "max_cycles": args.max_cycles, "threshold": args.threshold,
         "var_power": args.var_power, "variance": args.variance, "sign_check": args.sign_check,
-        "targets": args.dsnot_targets,
+        "targets": args.dsnot_targets, "gram_dtype": args.gram_dtype,
     }
     bench(
         model=args.model, methods=args.methods, sparsities=args.sparsities, calib_texts=args.calib_text,
