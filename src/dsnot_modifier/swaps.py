@@ -122,10 +122,13 @@ def _free_device_memory(device: torch.device) -> int | None:
     module = getattr(torch, device.type, None)
     if module is None or not hasattr(module, "mem_get_info"):
         return None
-    index = device.index if device.index is not None else module.current_device()
-    free, _ = module.mem_get_info(index)
-    if hasattr(module, "memory_reserved") and hasattr(module, "memory_allocated"):
-        free += module.memory_reserved(index) - module.memory_allocated(index)
+    try:
+        index = device.index if device.index is not None else module.current_device()
+        free, _ = module.mem_get_info(index)
+        if hasattr(module, "memory_reserved") and hasattr(module, "memory_allocated"):
+            free += module.memory_reserved(index) - module.memory_allocated(index)
+    except (RuntimeError, AssertionError):  # a backend that cannot tell after all
+        return None
     return int(free)
 
 
