@@ -110,11 +110,12 @@ DEVICE_FALLBACK_BYTES = 1 << 30
 #: ``gram``: the state's w, wc, e, 2·u, e·diag(H), two penalties and two scratch
 #: buffers, plus one transient product when it is made (10), and its boolean
 #: masks (4 bytes). ``mean``: w and wc (copies unless float32), the grow key, the
-#: Wanda score, ``Wc·mean``, two prune keys and the +inf penalty of one (8), and
-#: at worst (every row tied) the full stable sort of one list: the key's rows, its
-#: flip and sorted values (3 buffers, counted as 2 more plus one below) and its
-#: int64 order (8 bytes), twice while one list replaces the other (24 bytes)
-_WORKING_MEMORY = {"gram": (10, 4), "mean": (10, 24)}
+#: Wanda score, ``Wc·mean``, two prune keys and the +inf penalty of one (8); then,
+#: at worst (every row tied, :func:`fix_ties`), the full stable sort of one list
+#: (its key's rows, their flip, the sorted values: 3, and the int64 order: 8 bytes)
+#: while the previous list's sorted values and order are still held (1 and 8
+#: bytes), and the boolean masks (4 bytes)
+_WORKING_MEMORY = {"gram": (10, 4), "mean": (12, 20)}
 
 
 def _free_device_memory(device: torch.device) -> int | None:
