@@ -50,6 +50,13 @@ its rows' ``time_s``) or from the main job's (rows with ``oneshot_s`` and ``dsno
 
 Timings are wall-clock, on whatever else the machine runs: on a shared machine
 they are noisy, and threads > 1 suffer most (each parallel region waits for a core).
+
+``--device`` (default ``cpu``) runs the same table on another device, e.g. ``cuda``:
+the layer and its statistics are made on the CPU (same values) and moved there, every
+timed step runs there, the device is synchronised before a clock is read, the extra
+memory is torch's peak allocation on the device beyond what was allocated before,
+and the table's title and every JSON row name the device (``device``,
+``device_name``). Thread counts then default to the one count set.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ import ctypes
 import gc
 import json
 import math
+import platform
 import sys
 import time
 from pathlib import Path
@@ -77,7 +85,35 @@ SGPT_BLOCK = 128
 SGPT_DAMP = 0.01
 DEFAULT_ONESHOT_JSON = Path(__file__).resolve().parent.parent / "runs" / "bench.json"
 REQUIRED_KEYS = ("shape", "structure", "objective", "threads", "refine_s", "baseline_s",
-                 "wanda_s", "sparsegpt_s", "extra_mem_ratio")
+                 "wanda_s", "sparsegpt_s", "extra_mem_ratio", "device", "device_name")
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def device_name(device: torch.device) -> str:
+    """What the device is: the GPU's name, the CPU's model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or "cpu"
+    return str(device)
+
+
+def _now(tensor: torch.Tensor) -> float:
+    """The clock, once the work queued on ``tensor``'s device is done."""
+    if tensor.device.type != "cpu":
+        module = getattr(torch, tensor.device.type)
+        if hasattr(module, "synchronize"):
+            module.synchronize(tensor.device)
+    return time.perf_counter()
 
 
 # --------------------------------------------------------------------------- inputs
@@ -117,22 +153,22 @@ def wanda_step(w, sqnorm, nm):
     n, m = nm if nm is not None else (0, 0)
     scalars = {module: sqnorm.clone()}
     gc.collect()
-    start = time.perf_counter()
+    start = _now(w)
     pruned = sparsify_weight(module, scalars, SPARSITY if nm is None else n / m, n, m)
-    return pruned, time.perf_counter() - start
+    return pruned, _now(w) - start
 
 
 def _inverse_hessian_seconds(hessian: torch.Tensor) -> float:
     """Time SparseGPT's inverse-Hessian steps (as in ``sgpt_sparsify``) on a copy."""
     h = hessian.clone()
-    start = time.perf_counter()
+    start = _now(h)
     damp = SGPT_DAMP * torch.mean(torch.diag(h))
-    diag = torch.arange(h.shape[0])
+    diag = torch.arange(h.shape[0], device=h.device)
     h[diag, diag] += damp
     h = torch.linalg.cholesky(h)
     h = torch.cholesky_inverse(h)
     torch.linalg.cholesky(h, upper=True)
-    return time.perf_counter() - start
+    return _now(h) - start
 
 
 def sparsegpt_step(w, gram, nm, max_cols: int):
@@ -151,10 +187,10 @@ def sparsegpt_step(w, gram, nm, max_cols: int):
     n, m = nm if nm is not None else (0, 0)
     hessians = {module: hessian}
     gc.collect()
-    start = time.perf_counter()
+    start = _now(w)
     sparsify_weight(module, hessians, SPARSITY if nm is None else n / m, n, m, SGPT_BLOCK,
                     SGPT_DAMP, False)
-    seconds = time.perf_counter() - start
+    seconds = _now(w) - start
     del hessians, hessian, module
     if sub == cols:
         return seconds, False
@@ -277,11 +313,12 @@ def baseline_refine(dense, current, objective, nm, stats, rows=None, max_cycles=
         products ``u = H e_i`` (``gram``; 0 for ``mean``) and the seconds of the rest
     """
     rows = torch.arange(dense.shape[0]) if rows is None else rows
+    rows = rows.to(dense.device)
     w_all = dense[rows].float()
     wc_all = current[rows].float()
     out = torch.empty_like(wc_all)
     product_s = 0.0
-    start = time.perf_counter()
+    start = _now(out)
     if objective == "mean":
         mean, var = stats["mean"].float(), stats["var"].float()
         floor = torch.finfo(torch.float32).tiny + 1e-12 * float(var.max().clamp_min(0))
@@ -295,12 +332,12 @@ def baseline_refine(dense, current, objective, nm, stats, rows=None, max_cycles=
         h = stats["gram"].float()
         h_diag = h.diagonal()
         for i in range(len(rows)):
-            tick = time.perf_counter()
+            tick = _now(h)
             u = torch.mv(h, w_all[i] - wc_all[i])  # H is symmetric: H e = (eᵀ H)ᵀ
-            product_s += time.perf_counter() - tick
+            product_s += _now(h) - tick
             out[i] = _baseline_row_gram(w_all[i], wc_all[i].clone(), u, h, h_diag, nm,
                                         max_cycles, rtol)
-    return out, product_s, time.perf_counter() - start - product_s
+    return out, product_s, _now(out) - start - product_s
 
 
 def baseline_rows(total: int, limit: int) -> torch.Tensor:
@@ -351,6 +388,38 @@ class PeakMemory:
         return False
 
 
+class DevicePeakMemory:
+    """
+    Peak memory taken by a block of code on an accelerator: torch's peak allocation
+    there (``max_memory_allocated``, reset before) minus what was allocated before.
+    ``extra`` is None where torch does not track it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.extra, self._before = device, None, None
+        self._module = getattr(torch, device.type, None)
+
+    def __enter__(self):
+        module = self._module
+        if all(hasattr(module, f) for f in ("reset_peak_memory_stats", "max_memory_allocated",
+                                            "memory_allocated", "synchronize")):
+            gc.collect()
+            module.synchronize(self.device)
+            module.reset_peak_memory_stats(self.device)
+            self._before = module.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self._before is not None:
+            self._module.synchronize(self.device)
+            self.extra = self._module.max_memory_allocated(self.device) - self._before
+        return False
+
+
+def peak_memory(device: torch.device):
+    return PeakMemory() if device.type == "cpu" else DevicePeakMemory(device)
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -368,11 +437,14 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed, log=print):
+def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed, log=print,
+        device="cpu"):
+    device = torch.device(device)
+    name = device_name(device)
     results = []
     for rows, cols in shapes:
         log(f"## layer {rows}x{cols}: making inputs")
-        layer = make_layer(rows, cols, seed)
+        layer = {k: v.to(device) for k, v in make_layer(rows, cols, seed).items()}
         w = layer["w"]
         weight_bytes = w.numel() * w.element_size()
         sub = baseline_rows(rows, baseline_limit)
@@ -385,12 +457,12 @@ def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed,
                 sgpt_s, sgpt_extrapolated = sparsegpt_step(w, layer["gram"], nm, sparsegpt_max_cols)
                 for objective in OBJECTIVES:
                     stats = _refine_stats(layer, objective)
-                    peak = PeakMemory() if memory else None
+                    peak = peak_memory(device) if memory else None
                     with peak or contextlib.nullcontext():
-                        start = time.perf_counter()
+                        start = _now(w)
                         result = refine_mask(w, current, objective=objective, nm=nm,
                                              max_cycles=MAX_CYCLES, **stats)
-                        refine_s = time.perf_counter() - start
+                        refine_s = _now(w) - start
                     extra = None if peak is None or peak.extra is None else peak.extra / weight_bytes
                     gc.collect()
                     _, product_s, cycles_s = baseline_refine(w, current, objective, nm, stats, sub)
@@ -403,6 +475,7 @@ def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed,
                         "baseline_cycles_s": cycles_s * scale, "baseline_rows": len(sub),
                         "sparsegpt_extrapolated": sgpt_extrapolated,
                         "swaps": result.swaps, "cycles": result.cycles,
+                        "device": str(device), "device_name": name,
                     }
                     results.append(row)
                     log(f"{rows}x{cols} {structure} {objective} threads={threads}: refine "
@@ -504,27 +577,35 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     parser.add_argument("--oneshot-json", type=Path, default=DEFAULT_ONESHOT_JSON)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu",
+                        help="where the layers are refined and timed: cpu (default), cuda, "
+                             "cuda:1, ...")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
 
     all_threads = torch.get_num_threads()
     if args.threads:
         thread_counts = [int(t) for t in args.threads.split(",")]
-    else:
+    elif device.type == "cpu":
         thread_counts = sorted({1, all_threads})
+    else:
+        thread_counts = [all_threads]
     if args.shapes:
         shapes = parse_shapes(args.shapes)
     else:
         shapes = sorted(SHAPES, key=lambda s: s[0] * s[1])[:2] if args.quick else SHAPES
     log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"torch {torch.__version__}, {all_threads} threads available; shapes {shapes}")
+    name = device_name(device)
+    log(f"torch {torch.__version__}, {device} ({name}), {all_threads} threads available; "
+        f"shapes {shapes}")
     started = time.perf_counter()
     try:
         results = run(shapes, thread_counts, args.baseline_rows, args.sparsegpt_max_cols,
-                      not args.no_memory, args.seed, log)
+                      not args.no_memory, args.seed, log, device)
     finally:
         torch.set_num_threads(all_threads)
 
-    print(f"# DSnoT refinement speed (torch {torch.__version__}, CPU, float32 weights, "
+    print(f"# DSnoT refinement speed (torch {torch.__version__}, {device}: {name}, float32 weights, "
           f"{MAX_CYCLES} cycles at most, starting from Wanda's mask)\n")
     print(markdown_table(results))
     print()
@@ -538,10 +619,15 @@ def main(argv=None) -> list[dict]:
         print(f"≈ SparseGPT timed on the layer's first {args.sparsegpt_max_cols} columns and "
               "extrapolated: its inverse Hessian (timed on its own) as C³, the rest linearly "
               "in C (a lower bound for that part).")
-    print("Extra memory: peak resident set during refine_mask (VmHWM after "
-          "/proc/self/clear_refs, free heap handed back first) minus the resident set "
-          "before, over the weight's bytes; the result weight counts, the statistics "
-          "(Gram matrix included) do not.\n")
+    if device.type == "cpu":
+        print("Extra memory: peak resident set during refine_mask (VmHWM after "
+              "/proc/self/clear_refs, free heap handed back first) minus the resident set "
+              "before, over the weight's bytes; the result weight counts, the statistics "
+              "(Gram matrix included) do not.\n")
+    else:
+        print(f"Extra memory: torch's peak allocation on {device} during refine_mask minus "
+              "what was allocated before, over the weight's bytes; the result weight "
+              "counts, the statistics (Gram matrix included) do not.\n")
     print("Goals per case:\n")
     print("\n".join(goals(results)))
     print()

@@ -6,6 +6,7 @@ passes on good checkpoints and fails on tampered ones and lying reports;
 save_checkpoint never leaves a half-written or silently clobbered directory.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -163,6 +164,34 @@ def test_verify_fails_on_an_unzeroed_weight(dense_checkpoint, tmp_path, capsys):
     (row,) = [line for line in text.splitlines() if line.startswith(Q_PROJ + " ")]
     assert "FAIL" in row and "1 blocks of 4 hold fewer than 2 zeros" in row and "fewer than the report's" in row
     assert "FAILED: 1 layers" in text
+
+
+def test_verify_checks_the_digests_of_earlier_reports(dense_checkpoint, tmp_path, capsys):
+    """A report written before the v2 digests holds blake2b ones: verify still checks them."""
+    out = dense_checkpoint[0]
+    stored = load_file(os.path.join(out, "model.safetensors"))
+
+    def old_digest(name):
+        zero = (stored[f"{name}.weight"] == 0).to(torch.uint8).contiguous()
+        raw = zero.reshape(-1).numpy().tobytes()
+        return f"mask{list(zero.shape)}:{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
+
+    def to_old(report):
+        for layer in report["layers"]:
+            assert layer["mask_digest"].split(":")[1].startswith("v2-")
+            layer["mask_digest"] = old_digest(layer["name"])
+
+    code, text, _ = verify_cli(lying(out, tmp_path / "old", to_old), capsys)
+    assert code == 0, text
+
+    def moved(tensors):  # one zero of q_proj moved inside its block: same counts
+        w = tensors[f"{Q_PROJ}.weight"]
+        i, j = first_zero(w)
+        k = next(c for c in range(j // 4 * 4, j // 4 * 4 + 4) if w[i, c] != 0)
+        w[i, j], w[i, k] = w[i, k], 0.0
+
+    code, text, _ = verify_cli(tampered(tmp_path / "old", tmp_path / "old_t", moved), capsys)
+    assert code == 1 and "the zero mask differs" in text
 
 
 @pytest.mark.parametrize("edit,match", [

@@ -77,3 +77,22 @@ def test_oneshot_share_reads_dsnot_bench_rows(bench, tmp_path):
     assert "| wanda+dsnot 2:4 | 110.0 | 11.0 | 10.0% | met |" in lines
     assert not any(line.startswith("| wanda 0.6") for line in lines)
     assert "model m, 1 threads, d" in lines[0]
+
+
+def test_device_option_runs_the_table_there_and_names_it(bench, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    rows = bench.main(["--device", "cpu", "--shapes", "16x64", "--threads", "1",
+                       "--baseline-rows", "4", "--no-memory", "--json", str(out),
+                       "--oneshot-json", str(tmp_path / "missing.json")])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(rows)) and len(data) == 4
+    name = bench.device_name(bench.torch.device("cpu"))
+    assert name and all(r["device"] == "cpu" and r["device_name"] == name for r in data)
+    printed = capsys.readouterr().out
+    assert f"cpu: {name}, float32 weights" in printed
+    assert "peak resident set" in printed  # the CPU's memory note
+
+
+def test_unknown_device_is_refused(bench):
+    with pytest.raises(RuntimeError):
+        bench.main(["--device", "nodevice", "--shapes", "16x64"])

@@ -22,6 +22,8 @@ of the report missing from the checkpoint or of another shape, and a zero mask
 other than the report's digest of it (when the stored layer holds exactly the
 report's number of zeros; reports made before the digest have none, and for them a
 swap of one zero for another that keeps every count and block is not detectable).
+Digests of both versions are checked: ``v2`` (computed on the device, see
+:mod:`dsnot_modifier.masks`) and the earlier blake2b ones.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from dsnot_modifier.masks import (
     format_structure,
     infer_structure,
     parse_mask_structure,
-    zero_mask_digest,
+    zero_mask_matches,
 )
 from dsnot_modifier.report import REPORT_FILE_NAME, read_report
 
@@ -366,7 +368,7 @@ def _check_layer(entry: dict, tensors: _Tensors, quant_config: dict | None) -> L
         )
     elif check.zeros == check.report_zeros and entry.get("mask_digest"):
         # the same count is not the same mask (a zero moved elsewhere)
-        if zero_mask_digest(zero) != entry["mask_digest"]:
+        if not zero_mask_matches(zero, entry["mask_digest"]):
             check.problems.append(
                 "the zero mask differs from the one DSnoT left (same number of zeros, other "
                 "places): the weights were changed after DSnoT"

@@ -29,7 +29,7 @@ from compressed_tensors.utils import align_module_device
 from loguru import logger
 
 from dsnot_modifier.errors import FIX_DISTRIBUTED, DSnoTConfigError, DSnoTDistributedError
-from dsnot_modifier.masks import mask_digest, tensor_digest
+from dsnot_modifier.masks import tensor_digest, tensor_digests
 from dsnot_modifier.report import LayerReport, SkippedLayer
 from dsnot_modifier.stats import InputStats, LayerState
 
@@ -342,16 +342,19 @@ def describe_layers(layers: dict[torch.nn.Module, LayerState], names: dict) -> l
         dense, stats = state.dense, state.stats
         with torch.no_grad(), align_module_device(module):
             current = module.weight.detach()
+            # digests on the tensors' devices, one host sync for those on one device
+            zero = current == 0
+            digests = tensor_digests([dense, current, *stats.tensors()], masks=[zero])
             summary.append(dict(
                 name=names[module],
                 leader=leaders.setdefault(id(stats), names[module]),
                 shape=list(dense.shape),
                 columns=stats.num_columns,
-                dense=tensor_digest(dense),
-                current=tensor_digest(current),
-                mask=mask_digest(current),
-                pruned=bool(((current == 0) & (dense.to(current.device) != 0)).any()),
-                inputs=_stats_digest(stats),
+                dense=digests[0],
+                current=digests[1],
+                mask=digests[-1],
+                pruned=bool((zero & (dense.to(current.device) != 0)).any()),
+                inputs="|".join(digests[2:-1]),
             ))
     return summary
 
@@ -414,8 +417,3 @@ def _receive_or_send(group: RankGroup, module: torch.nn.Module, name: str, owner
         buffer = torch.empty_like(weight, memory_format=torch.contiguous_format)
         group.broadcast_(buffer, owner, f"receiving {name} from rank {owner}")
         receive_weight(module, buffer)
-
-
-def _stats_digest(stats: InputStats) -> str:
-    """A digest of a layer's input statistics (equal on two ranks iff same inputs)."""
-    return "|".join(tensor_digest(t) for t in stats.tensors())

@@ -29,9 +29,17 @@ lists chunk by chunk, then cycles on all rows at once); the math is float32
 (float64 for float64 weights) whatever the weight dtype, and the result has the
 weight's dtype. Kept values are never changed and a regrown weight gets its
 dense value, so the result holds only values of the two inputs, exactly.
-The loop syncs with the host once per cycle (to stop when no row is active),
-and making the ``mean`` lists once per chunk (to settle ties, see
-:func:`fix_ties`). On CPU the number of threads is capped for small layers and
+The chunk size depends on the device (:func:`chunk_rows_for`): on CPU, chunks
+sized for its caches; on an accelerator, the whole layer at once if its working
+memory fits the budget stated there, else the fewest chunks that fit.
+
+Host syncs: a cycle syncs once (the indices of the rows that swap, which also
+tells when no row is active); nothing that a cycle calls (``propose``,
+``apply``, ``select``, ``write``) syncs. Outside the cycles: making the ``mean``
+lists syncs a few times per chunk (to settle ties, see :func:`fix_ties`), the
+``mean`` statistics twice per layer (the variance floor, whether ``mean/var^p``
+is finite), and the result once per layer (its counts and errors).
+On CPU the number of threads is capped for small layers and
 for the ``gram`` cycles (see ``ELEMENTS_PER_THREAD``).
 """
 
@@ -61,6 +69,9 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "RefineResult",
     "refine_mask",
+    "chunk_rows_for",
+    "DEVICE_MEMORY_FRACTION",
+    "DEVICE_CHUNK_BYTES",
     "mean_error",
     "gram_error",
 ]
@@ -86,6 +97,82 @@ GRAM_CHUNK_MIN_ROWS = 256
 
 #: the cycles drop the rows that stopped once the active ones are at most this share
 _COMPACT_AT = 0.5
+
+#: on an accelerator, a chunk's working memory may take at most this share of the
+#: device's free memory (what the driver reports free plus what torch's caching
+#: allocator holds unused), and at most ``DEVICE_CHUNK_BYTES``
+DEVICE_MEMORY_FRACTION = 0.5
+DEVICE_CHUNK_BYTES = 4 << 30
+#: the budget on an accelerator whose free memory torch cannot tell (e.g. MPS)
+DEVICE_FALLBACK_BYTES = 1 << 30
+
+#: working memory of a chunk, per weight: (buffers of the compute dtype, extra bytes).
+#: ``gram``: the state's w, wc, e, 2·u, e·diag(H), two penalties and two scratch
+#: buffers, plus one transient product when it is made (10), and its boolean
+#: masks (4 bytes). ``mean``: w and wc (copies unless float32), the grow key, the
+#: Wanda score, ``Wc·mean``, two prune keys and the +inf penalty of one (8); then,
+#: at worst (every row tied, :func:`fix_ties`), the full stable sort of one list
+#: (its key's rows, their flip, the sorted values: 3, and the int64 order: 8 bytes)
+#: while the previous list's sorted values and order are still held (1 and 8
+#: bytes), and the boolean masks (4 bytes)
+_WORKING_MEMORY = {"gram": (10, 4), "mean": (12, 20)}
+
+
+def _free_device_memory(device: torch.device) -> int | None:
+    """Bytes free for torch on ``device`` (None if torch cannot tell)."""
+    module = getattr(torch, device.type, None)
+    if module is None or not hasattr(module, "mem_get_info"):
+        return None
+    try:
+        index = device.index if device.index is not None else module.current_device()
+        free, _ = module.mem_get_info(index)
+        if hasattr(module, "memory_reserved") and hasattr(module, "memory_allocated"):
+            free += module.memory_reserved(index) - module.memory_allocated(index)
+    except (RuntimeError, AssertionError):  # a backend that cannot tell after all
+        return None
+    return int(free)
+
+
+def chunk_bytes_per_row(objective: str, cols: int, dtype: torch.dtype) -> int:
+    """The working memory of one row of a chunk (see ``_WORKING_MEMORY``)."""
+    buffers, extra = _WORKING_MEMORY[objective]
+    return cols * (buffers * torch.empty((), dtype=dtype).element_size() + extra)
+
+
+def chunk_rows_for(objective: str, rows: int, cols: int, device, dtype: torch.dtype) -> int:
+    """
+    Rows refined at once by :func:`refine_mask` when ``chunk_rows`` is not given.
+
+    - CPU: chunks sized for its caches: ``mean``, about ``DEFAULT_CHUNK_ELEMENTS``
+      (4M) weights; ``gram``, about ``GRAM_CHUNK_ELEMENTS`` (1M) weights and at least
+      ``GRAM_CHUNK_MIN_ROWS`` (256) rows (its cycles make several passes over the
+      chunk, which then stays in the caches).
+    - Any other device (CUDA, XPU, MPS...): the whole layer in one chunk if its
+      working memory (:func:`chunk_bytes_per_row` times ``rows``) fits the budget:
+      ``DEVICE_MEMORY_FRACTION`` (1/2) of the device's free memory, at most
+      ``DEVICE_CHUNK_BYTES`` (4 GiB), or ``DEVICE_FALLBACK_BYTES`` (1 GiB) where
+      torch cannot tell the free memory. Else the fewest chunks that fit, of equal
+      size (at least one row each).
+
+    Rows are independent, so the chunking changes the time and memory, never the result.
+
+    :param dtype: the compute dtype (float32, or float64 for float64 weights)
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        chunk_elements = DEFAULT_CHUNK_ELEMENTS if objective == "mean" else GRAM_CHUNK_ELEMENTS
+        chunk = max(1, chunk_elements // max(cols, 1))
+        return max(chunk, GRAM_CHUNK_MIN_ROWS) if objective == "gram" else chunk
+    free = _free_device_memory(device)
+    if free is None:
+        budget = DEVICE_FALLBACK_BYTES
+    else:
+        budget = min(int(free * DEVICE_MEMORY_FRACTION), DEVICE_CHUNK_BYTES)
+    fit = max(1, budget // max(chunk_bytes_per_row(objective, cols, dtype), 1))
+    if fit >= rows:
+        return max(rows, 1)
+    chunks = -(-rows // fit)
+    return -(-rows // chunks)
 
 
 
@@ -534,8 +621,9 @@ def refine_mask(
         None means the paper's choice: off for unstructured, on for N:M
     :param rtol: ``gram`` only: a swap must lower ``L_i`` by more than
         ``rtol · L_i``, so that float rounding never passes for a gain
-    :param chunk_rows: rows per chunk (default: ``mean``, about 4M weights a chunk;
-        ``gram``, about 1M weights and at least 256 rows a chunk)
+    :param chunk_rows: rows per chunk (default: :func:`chunk_rows_for` the device;
+        on CPU, ``mean``: about 4M weights a chunk, ``gram``: about 1M weights and at
+        least 256 rows; on an accelerator, the whole layer within a memory budget)
     """
     _check_inputs(dense, current, objective, mean, var, sqnorm, gram, nm, max_cycles)
     rows, cols = dense.shape
@@ -555,15 +643,11 @@ def refine_mask(
         options = dict(mean=mean, q=q, q_finite=bool(torch.isfinite(q).all()),
                        score_col=score_col, threshold=threshold, sign_check=check,
                        max_cycles=max_cycles)
-        chunk_elements = DEFAULT_CHUNK_ELEMENTS
     else:
         gram = gram.to(device, dtype)
         options = dict(gram=gram, h_diag=gram.diagonal().contiguous(), rtol=rtol)
-        chunk_elements = GRAM_CHUNK_ELEMENTS
     if chunk_rows is None:
-        chunk_rows = max(1, chunk_elements // max(cols, 1))
-        if objective == "gram":
-            chunk_rows = max(chunk_rows, GRAM_CHUNK_MIN_ROWS)
+        chunk_rows = chunk_rows_for(objective, rows, cols, device, dtype)
     layer_threads = cycle_threads = None
     if device.type == "cpu":
         options["product_threads"] = torch.get_num_threads()
@@ -621,8 +705,11 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, cycl
                 active = ok
                 cycles_run = max(cycles_run, cycle + 1)
                 if idx.numel() <= _COMPACT_AT * live.numel():
-                    # drop the rows that stopped: write them out, keep the active ones
-                    done = (~ok).nonzero().squeeze(1)
+                    # drop the rows that stopped: write them out, keep the active ones.
+                    # Their indices, in order, without a second sync: a stable sort
+                    # puts them first, and their number is known
+                    order = torch.sort(ok.to(torch.uint8), stable=True).indices
+                    done = order[: live.numel() - idx.numel()]
                     state.write(out, live, done)
                     after += state.row_error()[done].double().sum()
                     state.select(idx)
@@ -631,11 +718,14 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, cycl
         state.write(out, live, None)
         after += state.row_error().double().sum()
         del state
+    # one sync for the four numbers (counts are exact in float64)
+    counts = torch.stack([swaps.sum().double(), (swaps > 0).sum().double(), before, after])
+    n_swaps, n_changed, error_before, error_after = counts.tolist()
     return RefineResult(
         weight=out,
-        swaps=int(swaps.sum()),
-        rows_changed=int((swaps > 0).sum()),
-        error_before=float(before),
-        error_after=float(after),
+        swaps=int(n_swaps),
+        rows_changed=int(n_changed),
+        error_before=error_before,
+        error_after=error_after,
         cycles=cycles_run,
     )
