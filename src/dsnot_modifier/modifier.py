@@ -114,7 +114,9 @@ class DSnoTModifier(Modifier):
     - on_sequential_epoch_end (after the pruner's own)
         - refine every pruned layer of the subgraph (one that saw fewer than
           ``min_tokens`` is left alone), check its structure, write it, free its state;
-          under torchrun, spread over the ranks (:func:`.distributed.refine_across_ranks`)
+          the layers sharing statistics stacked in one call, each with the result it
+          gets alone (:mod:`.stacking`); under torchrun, spread over the ranks
+          (:func:`.distributed.refine_across_ranks`)
     - on_calibration_end
         - remove hooks; list and warn of the layers left alone, log the summary; error
           if no layer was refined (:func:`.layers.close_report`)
