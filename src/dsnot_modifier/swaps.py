@@ -716,6 +716,7 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, caps
                 active = ok
                 if idx.numel() <= _COMPACT_AT * live.numel():
                     # drop the rows that stopped: write them out, keep the active ones
+                    # (with these states' rows: _segment_result replays this rule per layer)
                     done = (~ok).nonzero().squeeze(1)
                     state.write(out, live, done)
                     after[live[done]] = state.row_error()[done].double()
