@@ -4,7 +4,8 @@ DSnoTModifier: llm-compressor glue around :mod:`dsnot_modifier.swaps`.
 The lifecycle calls plain functions: the recipe checks (:mod:`.recipe_checks`),
 the layers refined or left alone (:mod:`.layers`), the input statistics
 (:mod:`.stats`), the structures and initial masks (:mod:`.masks`), the
-refinement (:mod:`.swaps`), the distributed epoch (:mod:`.distributed`) and the
+layers refined together (:mod:`.stacking`), the refinement (:mod:`.swaps`), the
+distributed epoch (:mod:`.distributed`) and the
 report with its save-time hook (:mod:`.report`).
 """
 
