@@ -21,6 +21,7 @@ import time
 import torch
 
 import dsnot_modifier.modifier as modifier_module
+import dsnot_modifier.stacking as stacking_module
 from dsnot_modifier import DSnoTModifier
 from dsnot_modifier.report import LayerReport, write_json
 from dsnot_modifier.stats import InputStats, LayerState
@@ -40,8 +41,8 @@ TIMED = [
     (InputStats, "for_objective", "epoch end: statistics finalised"),
     (InputStats, "check_finite", "epoch end: finiteness check"),
     (modifier_module, "refine_mask", "epoch end: refine_mask"),
-    (modifier_module, "check_refined", "epoch end: structure check"),
-    (modifier_module, "write_weight", "epoch end: write-back"),
+    (stacking_module, "check_refined", "epoch end: structure check"),
+    (stacking_module, "write_weight", "epoch end: write-back"),
     (LayerReport, "of", "epoch end: report (mask digest)"),
 ]
 
@@ -69,20 +70,21 @@ def install_timers() -> list[tuple[object, str, object]]:
             setattr(owner, attribute, type(original)(_timed(original.__func__, label)))
         else:
             setattr(owner, attribute, _timed(original, label))
-    # the refinement by layer kind (the last part of the layer's name)
-    refine_layer = DSnoTModifier._refine_layer
-    saved.append((DSnoTModifier, "_refine_layer", refine_layer))
+    # the refinement by layer kind (the last part of the layers' names: layers that
+    # share their statistics are refined in one stack, e.g. "q_proj+k_proj+v_proj")
+    refine_stack = stacking_module.refine_stack
+    saved.append((modifier_module, "refine_stack", refine_stack))
 
-    def by_kind(self, module, dense, stats):
+    def by_kind(stack, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return refine_layer(self, module, dense, stats)
+            return refine_stack(stack, *args, **kwargs)
         finally:
-            kind = self._names[module].rsplit(".", 1)[-1]
+            kind = "+".join(dict.fromkeys(layer.name.rsplit(".", 1)[-1] for layer in stack))
             TOTALS[f"refine by kind: {kind}"] += time.perf_counter() - start
             CALLS[f"refine by kind: {kind}"] += 1
 
-    DSnoTModifier._refine_layer = by_kind
+    modifier_module.refine_stack = by_kind
     return saved
 
 

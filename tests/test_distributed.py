@@ -205,7 +205,7 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
             layers[modules[name]] = LayerState(dense=modules[name].weight.detach().clone(), stats=stats)
         seen = {}
 
-        def refine(module, dense, stats):
+        def refine_one(module, dense, stats):
             name = names[module]
             seen[name] = stats.tokens
             with torch.no_grad():
@@ -214,6 +214,10 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
             return LayerReport(name=name, shape=[4, 8], structure="unstructured", objective="mean",
                                initial="wanda", zeros=4 * (rank + 1), sparsity=0.0, swaps=rank,
                                rows_changed=0, error_before=1.0, error_after=0.5, seconds=0.0)
+
+        def refine(own):
+            return {module: refine_one(module, own.pop(module).dense, state.stats)
+                    for module, state in list(own.items())}
 
         group = RankGroup(60)
         results = refine_across_ranks(group, layers, names, refine, lambda m, c: InputStats(c),

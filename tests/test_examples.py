@@ -208,6 +208,9 @@ def test_profile_oneshot_script(austen_model_dir, tmp_path):
     steps, calls = runs[1]["steps_s"], runs[1]["calls"]
     assert steps["hook: all per-batch work"] >= steps["hook: statistics update (Gram product or moments)"] > 0
     assert steps["epoch end: all"] >= steps["epoch end: refine_mask"] > 0
-    assert calls["epoch end: refine_mask"] == 14  # every pruned Linear of the tiny model
-    assert sum(v for k, v in calls.items() if k.startswith("refine by kind")) == 14
+    # every pruned Linear of the tiny model, q/k/v and gate/up each in one call (stacked)
+    assert calls["epoch end: refine_mask"] == 8
+    assert calls["refine by kind: q_proj+k_proj+v_proj"] == calls["refine by kind: gate_proj+up_proj"] == 2
+    assert sum(v for k, v in calls.items() if k.startswith("refine by kind")) == 8
+    assert calls["epoch end: write-back"] == 14
     assert json.loads(out.read_text())["runs"] == json.loads(json.dumps(runs))

@@ -76,7 +76,8 @@ def sequences(name) -> torch.Tensor:
 
 
 class RefineRecorder:
-    """Wraps the modifier's ``refine_mask``: keeps every call's inputs (unchanged)."""
+    """Wraps the modifier's ``refine_mask``: keeps every layer's inputs (unchanged), a
+    stacked call's (``segments``) split into its layers."""
 
     def __init__(self, monkeypatch):
         self.calls = []
@@ -84,10 +85,10 @@ class RefineRecorder:
 
         def recorded(dense, current, **kwargs):
             result = original(dense, current, **kwargs)
-            self.calls.append(dict(dense=dense.clone(), current=current.clone(),
-                                   kwargs={k: v.clone() if isinstance(v, torch.Tensor) else v
-                                           for k, v in kwargs.items()},
-                                   swaps=result.swaps))
+            sizes = kwargs.pop("segments", None) or [dense.shape[0]]
+            kept = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            for d, c, part in zip(dense.split(sizes), current.split(sizes), result.segments or [result]):
+                self.calls.append(dict(dense=d.clone(), current=c.clone(), kwargs=kept, swaps=part.swaps))
             return result
 
         monkeypatch.setattr(modifier_module, "refine_mask", recorded)

@@ -172,6 +172,66 @@ def test_bad_arguments():
         refine_mask(w, wc, objective="gram", nm=(2, 5), **stats)
 
 
+def _same_result(a, b):
+    return (torch.equal(a.weight, b.weight), a.swaps, a.rows_changed, a.error_before,
+            a.error_after, a.cycles) == (True, b.swaps, b.rows_changed, b.error_before,
+                                         b.error_after, b.cycles)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+@pytest.mark.parametrize("objective", ["mean", "gram"])
+def test_stacked_segments_equal_separate_calls(objective, nm, dtype, monkeypatch):
+    """Layers sharing statistics refined in one call (``segments``): each segment's
+    weight, swaps and errors are bit for bit those of the layer's own call, with
+    chunks cut inside the layers (a stacked call's chunks would straddle them), rows
+    that stop at different cycles (drops of stopped rows), and thread caps that a
+    stacked call raises (one thread per 4096 weights here, 2 threads)."""
+    import dsnot_modifier.swaps as swaps
+
+    monkeypatch.setattr(swaps, "ELEMENTS_PER_THREAD", 1 << 12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        layers = [make_layer(rows=rows, cols=64, seed=40 + rows, dtype=torch.float64, nm=nm,
+                             sparsity=0.5) for rows in (160, 8, 90, 1)]
+        # rows of very different scales: the sums of their errors round, so they
+        # must be summed as the layer's own call sums them to give the same bits
+        g = torch.Generator().manual_seed(4)
+        span = 8 if dtype == torch.float16 else 40
+        scales = [2.0 ** torch.randint(-span, span + 1, (w.shape[0], 1), generator=g)
+                  for w, _, _ in layers]
+        layers = [((w * k).to(dtype), (wc * k).to(dtype), s) for (w, wc, s), k in zip(layers, scales)]
+        stats = {k: v.float() for k, v in layers[0][2].items()}  # one set of statistics
+        for chunk_rows in (None, 16):
+            kwargs = dict(objective=objective, nm=nm, chunk_rows=chunk_rows, max_cycles=12, **stats)
+            alone = [refine_mask(w, wc, **kwargs) for w, wc, _ in layers]
+            stacked = refine_mask(torch.cat([w for w, _, _ in layers]),
+                                  torch.cat([wc for _, wc, _ in layers]),
+                                  segments=[w.shape[0] for w, _, _ in layers], **kwargs)
+            assert len(stacked.segments) == len(layers)
+            for one, part in zip(alone, stacked.segments):
+                assert _same_result(part, one)
+                assert part.weight.dtype == dtype
+            assert sum(one.swaps for one in alone) > 10
+            assert len({one.cycles for one in alone}) > 1 or chunk_rows is None
+            assert torch.equal(stacked.weight, torch.cat([one.weight for one in alone]))
+            assert stacked.swaps == sum(one.swaps for one in alone)
+            assert stacked.error_after == sum(one.error_after for one in alone)
+            assert stacked.cycles == max(one.cycles for one in alone)
+    finally:
+        torch.set_num_threads(threads)
+    # without segments the result has none; one segment is the layer's own call
+    w, wc, _ = layers[0]
+    alone = refine_mask(w, wc, objective=objective, nm=nm, **stats)
+    assert alone.segments is None
+    assert _same_result(refine_mask(w, wc, objective=objective, nm=nm, segments=[160],
+                                    **stats).segments[0], alone)
+    for bad in ([36], [37, 0], [40, -3]):
+        with pytest.raises(ValueError, match="segments"):
+            refine_mask(w, wc, objective=objective, nm=nm, segments=bad, **stats)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_or_inf_is_where_with_inf(dtype):
     from dsnot_modifier._kernels import or_inf

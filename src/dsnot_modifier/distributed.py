@@ -214,10 +214,10 @@ def receive_weight(module: torch.nn.Module, weight: torch.Tensor):
 
 # --------------------------------------------------------------- the epoch
 
-#: refine one layer: (module, its dense weight, its input statistics) -> its report
-#: (and the refined weight written into the module), or the reason it was left as
-#: it is (a SkippedLayer, or None)
-Refine = Callable[[torch.nn.Module, torch.Tensor, InputStats], "LayerReport | SkippedLayer | None"]
+#: refine a rank's layers: module -> its state (dense weight, input statistics; the
+#: dict is emptied as the work goes) -> module -> its report (and the refined weight
+#: written into the module) or the reason it was left as it is (a SkippedLayer)
+Refine = Callable[[dict[torch.nn.Module, LayerState]], "dict[torch.nn.Module, LayerReport | SkippedLayer]"]
 
 
 def refine_across_ranks(
@@ -244,14 +244,17 @@ def refine_across_ranks(
     3. the statistics are summed over the ranks (all_reduce, one per group of
        layers sharing an input);
     4. each rank refines its layers with ``refine`` and writes them; failures are
-       shared;
+       shared. Layers are assigned one by one; a rank refines those of its layers
+       that share statistics stacked (:mod:`.stacking`), which gives each layer the
+       result it would get alone, so the assignment and the weights do not depend
+       on the stacking;
     5. the owners broadcast the refined weights, the others write them in;
     6. all ranks check they hold the same refined weights.
 
     :param layers: this rank's calibrated layers of the subgraph, in forward order;
         emptied (their state is freed as the work goes)
     :param names: module -> name, for every target layer of the model
-    :param refine: refines one layer (see :data:`Refine`)
+    :param refine: refines this rank's layers (see :data:`Refine`)
     :param new_stats: empty statistics for a layer this rank never ran (module, columns)
     :param objective: the objective, for the cost of a layer
     :param refine_all: refine the layers no earlier pruner pruned too (``initial``)
@@ -298,18 +301,16 @@ def refine_across_ranks(
             group.run(f"summing the statistics of {leader}", stats.all_reduce_, group.group)
     kept = {agreed[name]["leader"] for name in mine}
     group_stats = {leader: s for leader, s in group_stats.items() if leader in kept}
-    dense = {by_name[name]: layers[by_name[name]].dense for name in mine}
+    own = {by_name[name]: LayerState(dense=layers[by_name[name]].dense,
+                                     stats=group_stats[agreed[name]["leader"]]) for name in mine}
     layers.clear()
 
     reports, error = {}, None
-    for name in mine:
-        module = by_name[name]
-        try:
-            reports[name] = refine(module, dense.pop(module), group_stats[agreed[name]["leader"]])
-        except Exception as err:  # noqa: BLE001 - shared with the other ranks below
-            error = err
-            break
-    dense.clear()
+    try:
+        reports = {names[module]: report for module, report in refine(own).items()}
+    except Exception as err:  # noqa: BLE001 - shared with the other ranks below
+        error = err
+    own.clear()
     group_stats.clear()
     group.agree(error, "refining its layers")
     for gathered_reports in group.all_gather_object(reports, "sharing the layer reports"):

@@ -4,23 +4,22 @@ DSnoTModifier: llm-compressor glue around :mod:`dsnot_modifier.swaps`.
 The lifecycle calls plain functions: the recipe checks (:mod:`.recipe_checks`),
 the layers refined or left alone (:mod:`.layers`), the input statistics
 (:mod:`.stats`), the structures and initial masks (:mod:`.masks`), the
-refinement (:mod:`.swaps`), the distributed epoch (:mod:`.distributed`) and the
+layers refined together (:mod:`.stacking`), the refinement (:mod:`.swaps`), the
+distributed epoch (:mod:`.distributed`) and the
 report with its save-time hook (:mod:`.report`).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import torch
-from compressed_tensors.utils import align_module_device, get_execution_device, match_named_modules
+from compressed_tensors.utils import get_execution_device, match_named_modules
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers.modifier import Modifier
-from llmcompressor.utils.metric_logging import CompressionLogger
 
 from dsnot_modifier.distributed import (
     DEFAULT_TIMEOUT,
@@ -37,8 +36,8 @@ from dsnot_modifier.layers import (
     layer_structure,
     pruner_targets,
 )
-from dsnot_modifier.masks import Initial, check_refined, format_structure, initial_mask
-from dsnot_modifier.offload import check_offload_writable, snapshot_weight, write_weight
+from dsnot_modifier.masks import Initial, initial_mask
+from dsnot_modifier.offload import check_offload_writable, snapshot_weight
 from dsnot_modifier.recipe_checks import (
     check_distributed_pruners,
     check_recipe,
@@ -47,6 +46,7 @@ from dsnot_modifier.recipe_checks import (
     check_targets,
 )
 from dsnot_modifier.report import DSnoTReport, LayerReport, SkippedLayer, attach_report
+from dsnot_modifier.stacking import ReadyLayer, refine_layers, refine_stack
 from dsnot_modifier.stats import InputStats, LayerState, SharedInputs, Variance
 from dsnot_modifier.swaps import DEFAULT_THRESHOLD, Objective, refine_mask
 
@@ -116,7 +116,9 @@ class DSnoTModifier(Modifier):
     - on_sequential_epoch_end (after the pruner's own)
         - refine every pruned layer of the subgraph (one that saw fewer than
           ``min_tokens`` is left alone), check its structure, write it, free its state;
-          under torchrun, spread over the ranks (:func:`.distributed.refine_across_ranks`)
+          the layers sharing statistics stacked in one call, each with the result it
+          gets alone (:mod:`.stacking`); under torchrun, spread over the ranks
+          (:func:`.distributed.refine_across_ranks`)
     - on_calibration_end
         - remove hooks; list and warn of the layers left alone, log the summary; error
           if no layer was refined (:func:`.layers.close_report`)
@@ -326,10 +328,8 @@ class DSnoTModifier(Modifier):
         self._shared.clear()
         self._setup_distributed()  # if outside a pipeline that started calibration
         if self._group is None:
-            for module in list(self._layers):
-                layer = self._layers.pop(module)
-                self._report.add(self._refine(module, layer.dense, layer.stats))
-                del layer
+            for report in self._refine(self._layers).values():
+                self._report.add(report)
             return
         results = refine_across_ranks(
             self._group, self._layers, self._names, self._refine, self._new_stats,
@@ -359,19 +359,10 @@ class DSnoTModifier(Modifier):
 
     # ------------------------------------------------------------------ the work
 
-    def _refine(
+    def _prepare(
         self, module: torch.nn.Module, dense: torch.Tensor, stats: InputStats
-    ) -> LayerReport | SkippedLayer:
-        """Refine one layer on its execution device, timed as llm-compressor's modifiers are."""
-        with torch.no_grad(), align_module_device(module), CompressionLogger(module) as log:
-            layer = self._refine_layer(module, dense, stats)
-            if isinstance(layer, LayerReport):
-                log.set_results(name="DSnoT", loss=layer.error_after)
-        return layer
-
-    def _refine_layer(
-        self, module: torch.nn.Module, dense: torch.Tensor, stats: InputStats
-    ) -> LayerReport | SkippedLayer:
+    ) -> ReadyLayer | SkippedLayer:
+        """The layer ready to refine (its structure checked, standalone: its initial mask)."""
         name = self._names[module]
         if stats.tokens < self.min_tokens:  # a routed expert: left as the pruner left it
             return SkippedLayer(name, "few tokens", stats.tokens, f"saw {stats.tokens} calibration "
@@ -390,34 +381,21 @@ class DSnoTModifier(Modifier):
             stats.check_finite(name)
             mask = initial_mask(dense, self._layer_sparsity.get(name, self.sparsity), self._nm,
                                 self.initial, stats.sqnorm())
-            current = dense.masked_fill(mask, 0)
-            nm, origin = self._nm, self.initial
-        elif not new_zeros:
+            return ReadyLayer(module, name, dense, dense.masked_fill(mask, 0), stats, self._nm,
+                              self.initial, asked)
+        if not new_zeros:
             logger.debug(f"DSnoT: {name} was not pruned by an earlier modifier, left as it is")
             return SkippedLayer(name, "not pruned", stats.tokens, "the pruner left it dense")
-        else:
-            stats.check_finite(name)
-            nm = layer_structure(name, current, dense, asked, self.mask_structure, self._nm)
-            origin = "pruner"
-        start = time.perf_counter()
-        result = refine_mask(
-            dense,
-            current,
-            objective=self.objective,
-            nm=nm,
-            max_cycles=self.max_cycles,
-            threshold=self.threshold,
-            var_power=self.var_power,
-            sign_check=self.sign_check,
-            chunk_rows=self.chunk_rows,
-            **stats.for_objective(self.objective, self.variance),
-        )
-        seconds = time.perf_counter() - start
-        check_refined(current, result.weight, nm, name)  # never write a broken structure
-        write_weight(module, name, result.weight)
-        return LayerReport.of(result, name=name, structure=format_structure(nm),
-                              objective=self.objective, initial=origin, seconds=seconds,
-                              pruner_structure=asked.mask_structure if asked else None)
+        stats.check_finite(name)
+        nm = layer_structure(name, current, dense, asked, self.mask_structure, self._nm)
+        return ReadyLayer(module, name, dense, current, stats, nm, "pruner", asked)
+
+    def _refine(self, layers: dict[torch.nn.Module, LayerState]) -> dict:
+        """Refine and write the layers (stacked, :mod:`.stacking`): module -> report."""
+        return refine_layers(layers, self._prepare, lambda stack: refine_stack(
+            stack, refine_mask, self.objective, self.variance, max_cycles=self.max_cycles,
+            threshold=self.threshold, var_power=self.var_power, sign_check=self.sign_check,
+            chunk_rows=self.chunk_rows))
 
     def _params(self) -> dict:
         return self.model_dump(include=_REPORTED)

@@ -48,7 +48,8 @@ class LayerReport:
         (``mean``: Σ|r_i| with r_i the expected output error of row i;
         ``gram``: Σ e_iᵀ H e_i, the expected squared output error)
     :param error_after: the same after refinement
-    :param seconds: time spent refining the layer
+    :param seconds: time spent refining the layer (of layers refined stacked in one
+        call, see :mod:`dsnot_modifier.stacking`: its share of the call's time, by rows)
     :param pruner_structure: the ``mask_structure`` the pruner was given (``"2:4"``,
         ``"0:0"``); None for standalone DSnoT or a report made before it was recorded
     :param mask_digest: a digest of the layer's zero mask after refinement (see

@@ -41,12 +41,20 @@ lists syncs a few times per chunk (to settle ties, see :func:`fix_ties`), the
 is finite), and the result once per layer (its counts and errors).
 On CPU the number of threads is capped for small layers and
 for the ``gram`` cycles (see ``ELEMENTS_PER_THREAD``).
+
+Layers that share their inputs' statistics (q/k/v, gate/up, every expert's
+gate/up) can be refined in one call, stacked (``segments``): rows are
+independent, so their cycles run together (``mean``: all at once; ``gram``: the
+small chunks together), while everything whose rounding could depend on the
+rows around (the chunks' matrix products, the sums over rows, the thread counts)
+is done per layer as its own call does it, so each layer's result is the same,
+bit for bit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, Sequence, get_args
 
 import torch
 
@@ -187,6 +195,9 @@ class RefineResult:
         (``mean``: Σ|r_i|; ``gram``: Σ L_i)
     :param error_after: the same, after
     :param cycles: cycles run (the most of any chunk)
+    :param segments: with ``refine_mask(..., segments=...)``, the result of each
+        segment of rows (its ``weight`` a view of its rows of ``weight``), each
+        exactly what refining that segment alone would give; else None
     """
 
     weight: torch.Tensor
@@ -195,6 +206,7 @@ class RefineResult:
     error_before: float
     error_after: float
     cycles: int
+    segments: list["RefineResult"] | None = None
 
 
 def mean_error(dense: torch.Tensor, current: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -247,6 +259,21 @@ class _Objective:
     def row_error(self) -> torch.Tensor:
         """The objective's error of every row (``mean``: |r_i|; ``gram``: L_i)."""
         raise NotImplementedError
+
+    @classmethod
+    def merged(cls, parts: list["_Objective"]) -> "_Objective":
+        """The rows of several states in one (its cycles then run on all at once)."""
+        if len(parts) == 1:
+            return parts[0]
+        state = cls.__new__(cls)
+        state.__dict__.update(parts[0].__dict__)
+        for name in cls.row_fields:
+            values = [getattr(part, name) for part in parts]
+            if isinstance(values[0], tuple):
+                setattr(state, name, tuple(torch.cat(v) for v in zip(*values)))
+            else:
+                setattr(state, name, torch.cat(values))
+        return state
 
     def select(self, keep: torch.Tensor):
         """Keep only the rows ``keep`` (indices into the current rows)."""
@@ -367,21 +394,6 @@ class _MeanObjective(_Objective):
         self.ptr = (zeros,) if sign_check else tuple(zeros.clone() for _ in range(4))
         self.pos = self.r_new = self.w_g = None
 
-    @classmethod
-    def merged(cls, parts: list["_MeanObjective"]) -> "_MeanObjective":
-        """The rows of several chunks in one state (its cycles then run on all at once)."""
-        if len(parts) == 1:
-            return parts[0]
-        state = cls.__new__(cls)
-        state.__dict__.update(parts[0].__dict__)
-        for name in cls.row_fields:
-            values = [getattr(part, name) for part in parts]
-            if isinstance(values[0], tuple):
-                setattr(state, name, tuple(torch.cat(v) for v in zip(*values)))
-            else:
-                setattr(state, name, torch.cat(values))
-        return state
-
     def _slot(self, pos, ptr_pos, ptr_neg):
         """Each row's place in its two lists side by side, and whether it is inside."""
         k = self.k
@@ -489,6 +501,13 @@ class _GramObjective(_Objective):
         self._scratch = torch.empty_like(w)  # d_grow, d_prune, then the update of u
         self._rows_h = torch.empty_like(w)  # rows g of H
         self.total = self.h_g = None
+
+    @classmethod
+    def merged(cls, parts):
+        state = super().merged(parts)
+        if len(parts) > 1:
+            state._scratch, state._rows_h = torch.empty_like(state.w), torch.empty_like(state.w)
+        return state
 
     def propose(self):
         wc, e, h_diag = self.wc, self.e, self.h_diag
@@ -601,6 +620,7 @@ def refine_mask(
     sign_check: bool | None = None,
     rtol: float = 1e-6,
     chunk_rows: int | None = None,
+    segments: Sequence[int] | None = None,
 ) -> RefineResult:
     """
     Refine the mask of ``current`` (zeros are pruned) toward ``dense``.
@@ -624,9 +644,19 @@ def refine_mask(
     :param chunk_rows: rows per chunk (default: :func:`chunk_rows_for` the device;
         on CPU, ``mean``: about 4M weights a chunk, ``gram``: about 1M weights and at
         least 256 rows; on an accelerator, the whole layer within a memory budget)
+    :param segments: the numbers of rows of several layers stacked in ``dense`` and
+        ``current`` (in order, summing to their rows), layers that share their inputs'
+        statistics (q/k/v, gate/up). Their rows are refined together, and the
+        result's ``segments`` holds each layer's result, bit for bit what refining it
+        alone gives: its chunks, matrix products, thread counts and sums are those
+        of its own call (see :func:`_segment_result`); only the cycles, whose every
+        operation is row by row and exact whatever the rows beside it, are shared.
+        The totals are the sums over the segments (``cycles``: the most)
     """
     _check_inputs(dense, current, objective, mean, var, sqnorm, gram, nm, max_cycles)
     rows, cols = dense.shape
+    stacked = segments is not None
+    segments = _check_segments(segments, rows)
     dtype = _compute_dtype(current)
     device = current.device
     if objective == "mean":
@@ -648,51 +678,116 @@ def refine_mask(
         options = dict(gram=gram, h_diag=gram.diagonal().contiguous(), rtol=rtol)
     if chunk_rows is None:
         chunk_rows = chunk_rows_for(objective, rows, cols, device, dtype)
-    layer_threads = cycle_threads = None
+    caps = None
     if device.type == "cpu":
         options["product_threads"] = torch.get_num_threads()
-        layer_threads = max(1, rows * cols // ELEMENTS_PER_THREAD)
-        # mean: the cycles work on [rows, 2·max_cycles] lists, a few % of the weight
-        cycle_threads = 1 if objective == "mean" else max(
-            1, min(chunk_rows, rows) * cols // ELEMENTS_PER_THREAD)
-    with at_most_threads(layer_threads):
-        return _refine(dense, current, objective, nm, options, chunk_rows, max_cycles,
-                       cycle_threads)
+        caps = lambda n: _thread_caps(objective, n, cols, chunk_rows)  # noqa: E731
+    with at_most_threads(caps(rows)[0] if caps else None):
+        result = _refine(dense, current, objective, nm, options, chunk_rows, max_cycles,
+                         caps, segments)
+    if not stacked:
+        result.segments[0].weight = result.weight
+        return result.segments[0]
+    return result
 
 
-def _states(dense, current, out, objective, nm, options, chunk_rows):
-    """The objective's states to cycle on, with their first and last rows + 1."""
-    rows = dense.shape[0]
+def _check_segments(segments, rows: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` of each segment (one of all the rows if None)."""
+    if segments is None:
+        return [(0, rows)]
+    sizes = [int(n) for n in segments]
+    if any(n < 1 for n in sizes) or sum(sizes) != rows:
+        raise ValueError(f"segments must be positive numbers of rows summing to {rows}, "
+                         f"got {list(segments)}")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [(start, start + n) for start, n in zip(starts, sizes)]
+
+
+def _thread_caps(objective: str, rows: int, cols: int, chunk_rows: int) -> tuple[int, int]:
+    """
+    On CPU, the intra-op threads of a refinement of ``rows`` rows: at most one per
+    ``ELEMENTS_PER_THREAD`` weights of the layer, and of a chunk for the ``gram``
+    cycles (``mean``: one, its cycles work on [rows, 2·max_cycles] lists, a few % of
+    the weight).
+    """
+    layer_threads = max(1, rows * cols // ELEMENTS_PER_THREAD)
+    cycle_threads = 1 if objective == "mean" else max(
+        1, min(chunk_rows, rows) * cols // ELEMENTS_PER_THREAD)
+    return layer_threads, cycle_threads
+
+
+def _chunks(segments, chunk_rows):
+    """Each segment's chunks, ``(segment, start, stop)``, as its own call would cut them."""
+    return [(k, begin, min(begin + chunk_rows, stop))
+            for k, (start, stop) in enumerate(segments)
+            for begin in range(start, stop, chunk_rows)]
+
+
+def _bins(chunks, chunk_rows):
+    """
+    The ``gram`` chunks grouped into the states cycled on: a full chunk alone, the
+    smaller ones (a layer's last chunk, small layers) together up to ``chunk_rows``
+    rows. Alone (one segment), every chunk is its own state.
+    """
+    open_bin, size = [], 0
+    for chunk in chunks:
+        rows = chunk[2] - chunk[1]
+        if rows >= chunk_rows:
+            yield [chunk]
+            continue
+        if size + rows > chunk_rows:
+            yield open_bin
+            open_bin, size = [], 0
+        open_bin.append(chunk)
+        size += rows
+    if open_bin:
+        yield open_bin
+
+
+def _states(dense, current, out, objective, nm, options, chunk_rows, segments, caps):
+    """
+    The objective's states to cycle on, each with its rows (indices into ``dense``).
+    Each chunk's state is made as the chunk's own call would make it (the same rows,
+    products and thread count); ``mean`` then cycles on all the rows at once, ``gram``
+    on the bins of :func:`_bins`.
+    """
     dtype = _compute_dtype(current)
-    chunks = [(start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
+    chunks = _chunks(segments, chunk_rows)
+
+    def made(k, start, stop):
+        start_k, stop_k = segments[k]
+        with at_most_threads(caps(stop_k - start_k)[0] if caps else None):
+            if objective == "mean":
+                # reads the chunks (views if the weight is float32), writes swaps into `out`
+                return _MeanObjective(dense[start:stop].to(dtype), current[start:stop].to(dtype),
+                                      nm, target=out, first_row=start, **options)
+            return _GramObjective(dense[start:stop].to(dtype),
+                                  current[start:stop].to(dtype, copy=True), nm, **options)
+
+    device = current.device
     if objective == "mean":
-        # reads the chunks (views if the weight is float32), writes swaps into `out`
-        parts = [
-            _MeanObjective(dense[start:stop].to(dtype), current[start:stop].to(dtype), nm,
-                           target=out, first_row=start, **options)
-            for start, stop in chunks
-        ]
-        yield _MeanObjective.merged(parts), 0, rows
+        yield _MeanObjective.merged([made(*c) for c in chunks]), torch.arange(
+            dense.shape[0], device=device)
         return
-    for start, stop in chunks:
-        state = _GramObjective(dense[start:stop].to(dtype),
-                               current[start:stop].to(dtype, copy=True), nm, **options)
-        yield state, start, stop
+    for group in _bins(chunks, chunk_rows):
+        rows = torch.cat([torch.arange(start, stop, device=device) for _, start, stop in group])
+        yield _GramObjective.merged([made(*c) for c in group]), rows
 
 
-def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, cycle_threads):
+def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, caps, segments):
     rows = dense.shape[0]
     device = current.device
 
     out = current.clone()
     swaps = torch.zeros(rows, dtype=torch.long, device=device)
-    before = torch.zeros((), dtype=torch.float64, device=device)
-    after = torch.zeros((), dtype=torch.float64, device=device)
-    cycles_run = 0
-    for state, start, stop in _states(dense, current, out, objective, nm, options, chunk_rows):
-        before += state.row_error().double().sum()
-        live = torch.arange(start, stop, device=device)  # the rows still in `state`
-        active = torch.ones(stop - start, dtype=torch.bool, device=device)
+    # every row's error before and after (float64, as the sums over rows take them)
+    before = torch.zeros(rows, dtype=torch.float64, device=device)
+    after = torch.zeros(rows, dtype=torch.float64, device=device)
+    cycle_threads = caps(rows)[1] if caps else None
+    for state, live in _states(dense, current, out, objective, nm, options, chunk_rows,
+                               segments, caps):
+        before[live] = state.row_error().double()
+        active = torch.ones(live.numel(), dtype=torch.bool, device=device)
         with at_most_threads(cycle_threads):
             for cycle in range(max_cycles):
                 g, p, ok = state.propose()
@@ -703,29 +798,86 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, cycl
                 state.apply(idx, g[idx], p[idx])
                 swaps.index_add_(0, live[idx], torch.ones_like(idx))
                 active = ok
-                cycles_run = max(cycles_run, cycle + 1)
                 if idx.numel() <= _COMPACT_AT * live.numel():
                     # drop the rows that stopped: write them out, keep the active ones.
                     # Their indices, in order, without a second sync: a stable sort
-                    # puts them first, and their number is known
+                    # puts them first, and their number is known (with these states'
+                    # rows: _segment_result replays this rule per layer)
                     order = torch.sort(ok.to(torch.uint8), stable=True).indices
                     done = order[: live.numel() - idx.numel()]
                     state.write(out, live, done)
-                    after += state.row_error()[done].double().sum()
+                    after[live[done]] = state.row_error()[done].double()
                     state.select(idx)
                     live = live[idx]
                     active = torch.ones(idx.numel(), dtype=torch.bool, device=device)
         state.write(out, live, None)
-        after += state.row_error().double().sum()
+        after[live] = state.row_error().double()
         del state
-    # one sync for the four numbers (counts are exact in float64)
-    counts = torch.stack([swaps.sum().double(), (swaps > 0).sum().double(), before, after])
-    n_swaps, n_changed, error_before, error_after = counts.tolist()
+    units = (
+        [[(start, stop)] for start, stop in segments] if objective == "mean"
+        else [[(start, stop) for j, start, stop in _chunks(segments, chunk_rows) if j == k]
+              for k in range(len(segments))]
+    )
+    parts = [
+        _segment_result(out, swaps, before, after, segment, unit, max_cycles,
+                        caps(segment[1] - segment[0]) if caps else (None, None))
+        for segment, unit in zip(segments, units)
+    ]
     return RefineResult(
         weight=out,
+        swaps=sum(part.swaps for part in parts),
+        rows_changed=sum(part.rows_changed for part in parts),
+        error_before=sum(part.error_before for part in parts),
+        error_after=sum(part.error_after for part in parts),
+        cycles=max(part.cycles for part in parts),
+        segments=parts,
+    )
+
+
+def _segment_result(out, swaps, before, after, segment, chunks, max_cycles, caps) -> RefineResult:
+    """
+    One segment's result from its rows' swaps and errors, summed as its own call
+    sums them (float sums depend on their grouping and, past 32768 terms on CPU,
+    on the thread count): ``before``, one sum per chunk (``mean``: the segment is
+    one chunk, its chunks are merged); ``after``, the sums its own cycles would
+    make when they drop the rows that stopped, then the rest. A row swaps at every
+    cycle until its first refusal, so its swap count says when it stopped, and the
+    cycles' drops are replayed from the counts alone.
+    """
+    layer_threads, cycle_threads = caps
+    device = swaps.device
+    total_before = torch.zeros((), dtype=torch.float64, device=device)
+    total_after = torch.zeros((), dtype=torch.float64, device=device)
+    for start, stop in chunks:
+        rows = torch.arange(start, stop, device=device)
+        made = swaps[rows]
+        with at_most_threads(layer_threads):
+            total_before += before[rows].sum()
+        # still[c]: the rows with more than c swaps (those swapping at cycle c)
+        still = torch.bincount(made, minlength=max_cycles + 1).flip(0).cumsum(0).flip(0)
+        still = still[1:].tolist()
+        live, last = stop - start, -1  # the rows kept: those with more than `last` swaps
+        for cycle in range(max_cycles):
+            if still[cycle] == 0:
+                break
+            if still[cycle] <= _COMPACT_AT * live:
+                done = rows[(made > last) & (made <= cycle)]
+                with at_most_threads(cycle_threads):
+                    total_after += after[done].sum()
+                live, last = still[cycle], cycle
+        with at_most_threads(layer_threads):
+            total_after += after[rows[made > last]].sum()
+    start, stop = segment
+    made = swaps[start:stop]
+    # one sync for the five numbers (counts are exact in float64)
+    n_swaps, n_changed, error_before, error_after, cycles = torch.stack([
+        made.sum().double(), (made > 0).sum().double(), total_before, total_after,
+        made.max().double()]).tolist()
+    return RefineResult(
+        weight=out[start:stop],
         swaps=int(n_swaps),
         rows_changed=int(n_changed),
         error_before=error_before,
         error_after=error_after,
-        cycles=cycles_run,
+        cycles=int(cycles),
     )
