@@ -93,6 +93,12 @@ def remove_timers(saved):
         setattr(owner, attribute, original)
 
 
+def _dsnot_params(spec: str) -> dict:
+    """``gram``, ``mean``, or ``gram:bfloat16`` (bfloat16 Gram products): DSnoT's options."""
+    objective, _, gram_dtype = spec.partition(":")
+    return {"objective": objective, **({"gram_dtype": gram_dtype} if gram_dtype else {})}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="path or id (default: the embedded SmolLM2)")
@@ -100,7 +106,8 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--sparsity", default="0.6")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--objectives", default="mean,gram")
+    parser.add_argument("--objectives", default="mean,gram",
+                        help="comma-separated: mean, gram, gram:bfloat16 (bfloat16 Gram products)")
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
 
@@ -114,12 +121,13 @@ def main(argv=None):
     saved = install_timers()
     runs = []
     try:
-        for method, params in [("wanda", {})] + [("wanda+dsnot", {"objective": o})
+        for method, params in [("wanda", {})] + [("wanda+dsnot", _dsnot_params(o))
                                                  for o in args.objectives.split(",")]:
             TOTALS.clear()
             CALLS.clear()
             run = run_oneshot(path, make_recipe(method, args.sparsity, **params), calib)
-            runs.append({"method": method + (f" ({params['objective']})" if params else ""),
+            label = " ".join(f"{v}" for v in params.values())
+            runs.append({"method": method + (f" ({label})" if params else ""),
                          "oneshot_s": run.seconds, "steps_s": dict(TOTALS), "calls": dict(CALLS)})
             print(f"{runs[-1]['method']}: oneshot {run.seconds:.1f} s", flush=True)
             del run
