@@ -16,7 +16,7 @@ common=(--calib-text emma --calib-text mansfieldpark --calib-text northangerabbe
         --calib-text sensesensibility --eval-text persuasion --calib-samples "${CALIB_SAMPLES:-32}"
         --sparsities "$sparsity" --json "$out" --resume "$@")
 "$dsnot" bench --methods wanda+dsnot --tag "uniform" "${common[@]}"
-for lam in 0.04 0.08 0.12 0.16 0.2; do
+for lam in 0.04 0.08 0.16; do
   "$dsnot" bench --methods owl-wanda+dsnot --owl-m 5 --owl-lambda "$lam" --tag "M5 l$lam" "${common[@]}"
 done
 best=$("$python" - "$out" "$sparsity" <<'PY'
@@ -28,6 +28,6 @@ print(min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"][len("M5 l
 PY
 )
 echo "best λ at M=5: $best"
-for m in 3 7 10; do
+for m in 3 10; do
   "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$m" --owl-lambda "$best" --tag "M$m l$best" "${common[@]}"
 done

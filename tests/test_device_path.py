@@ -214,3 +214,21 @@ def test_the_counter_sees_what_syncs_and_only_that():
     with SyncCounter() as syncs:
         y[mask] = torch.zeros(int(mask.sum()))  # int() of the count, and the masked write
     assert syncs.total == 2, syncs.ops
+
+
+@pytest.mark.parametrize("objective,nm,sign_check", CASES)
+def test_results_do_not_depend_on_the_thread_caps(monkeypatch, objective, nm, sign_check):
+    """The CPU thread caps (one thread per ELEMENTS_PER_THREAD weights) change only the
+    speed: with every operation on one thread, or on as many as the caller has, the
+    weights, counts and error sums are bit for bit the same."""
+    w, wc, stats = make_layer(rows=300, cols=256, dtype=torch.float32, nm=nm, seed=11)
+    kwargs = dict(objective=objective, nm=nm, sign_check=sign_check, max_cycles=30, **stats)
+    results = []
+    with swaps.threads(2):
+        for per_thread in (1 << 30, 1 << 10):
+            monkeypatch.setattr(swaps, "ELEMENTS_PER_THREAD", per_thread)
+            results.append(refine_mask(w, wc, **kwargs))
+    one, many = results
+    assert one.swaps > 0 and torch.equal(one.weight, many.weight)
+    assert (one.swaps, one.rows_changed, one.error_before, one.error_after, one.cycles) == (
+        many.swaps, many.rows_changed, many.error_before, many.error_after, many.cycles)

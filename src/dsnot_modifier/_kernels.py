@@ -30,10 +30,13 @@ __all__ = [
 ]
 
 #: on CPU, at most one intra-op thread per this many weights: of the layer for the
-#: whole refinement, of the chunk for its cycles. A refinement is hundreds of
-#: operations of a millisecond or so; threads barely speed those up, and slow them
-#: down badly when the cores are shared (each parallel region waits for a core)
-ELEMENTS_PER_THREAD = 1 << 22
+#: whole refinement, of the chunk for its cycles. Below it an operation takes well
+#: under a millisecond and a second thread costs more than it brings (and waits for
+#: a core when the cores are shared). Measured alone on the 2-core VM (BENCHMARKS.md),
+#: 2^18 against the former 2^22: SmolLM2's 1536×576 layers refined 1.5-1.6× faster
+#: with two threads, 3072×576 (gate and up stacked) 1.3-1.9×, the results bit for bit
+#: the same (products run with the caller's threads, see :func:`threads`)
+ELEMENTS_PER_THREAD = 1 << 18
 
 #: parts the columns are split into by the two-stage top-k (:func:`topk_rows`)
 _TOPK_PARTS = 8
