@@ -94,7 +94,8 @@ class InputStats:
         )
         low = x.to(device=self.device, dtype=self.gram_dtype) if (
             self.gram_sum is not None and self.gram_dtype != torch.float32) else None
-        x = x.to(device=self.device, dtype=torch.float32)
+        if low is None or self.sum is not None or self.sumsq is not None:
+            x = x.to(device=self.device, dtype=torch.float32)
         flat = x.reshape(-1, self.num_columns)
         self.tokens += flat.shape[0]
         self.sequences += x.shape[0]
