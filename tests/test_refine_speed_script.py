@@ -13,7 +13,9 @@ def bench():
     return load_script("benchmarks/refine_speed.py")
 
 
-def test_main_on_tiny_shapes_writes_the_json_schema(bench, tmp_path, capsys):
+def test_main_on_tiny_shapes_writes_the_json_schema(bench, tmp_path, capsys, monkeypatch):
+    # the memory pass would fix this process's mmap threshold for the rest of the suite
+    monkeypatch.setattr(bench, "fixed_mmap_threshold", lambda: False)
     out = tmp_path / "speed.json"
     oneshot = tmp_path / "main.json"
     oneshot.write_text(json.dumps({"meta": {"model": "tiny"}, "rows": [
@@ -39,6 +41,7 @@ def test_main_on_tiny_shapes_writes_the_json_schema(bench, tmp_path, capsys):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] >= 0
         mem = row["extra_mem_ratio"]
         assert mem is None or (isinstance(mem, float) and math.isfinite(mem))
+        assert row["extra_mem_method"] == "rss"
         assert row["sparsegpt_extrapolated"] == (row["shape"][1] > 64)
         seen.add((tuple(row["shape"]), row["structure"], row["objective"]))
     assert len(seen) == len(data)
@@ -96,3 +99,25 @@ def test_device_option_runs_the_table_there_and_names_it(bench, tmp_path, capsys
 def test_unknown_device_is_refused(bench):
     with pytest.raises(RuntimeError):
         bench.main(["--device", "nodevice", "--shapes", "16x64"])
+
+
+def test_memory_pass_measures_the_live_tensors_after_the_timings(tmp_path):
+    """In a process of its own (it fixes glibc's mmap threshold): the result weight alone
+    is 1x the weight, so the extra memory is at least that, and the mean objective's
+    working memory on a 1 MiB layer is a few weights more."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "refine_speed.py"
+    out = tmp_path / "speed.json"
+    subprocess.run([sys.executable, str(script), "--shapes", "512x512", "--threads", "1",
+                    "--baseline-rows", "2", "--json", str(out),
+                    "--oneshot-json", str(tmp_path / "missing.json")],
+                   check=True, capture_output=True)
+    data = json.loads(out.read_text())
+    assert len(data) == 4
+    for row in data:
+        if sys.platform.startswith("linux"):
+            assert row["extra_mem_method"] == "rss, mmap threshold 128 KiB"
+            assert 1.0 <= row["extra_mem_ratio"] <= 4.0, row

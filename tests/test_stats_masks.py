@@ -200,3 +200,31 @@ def test_bfloat16_gram_products():
     assert torch.equal(exact.gram_sum, flat.t() @ flat)
     with pytest.raises(ValueError, match="bfloat16"):
         InputStats(16, with_gram=True, gram_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scratch_buffers_give_the_same_sums_bit_for_bit(dtype):
+    """The CPU updates' reused buffers change no bit of any statistic, whatever the
+    order of batch shapes (a buffer grown by a big batch serves a smaller one)."""
+    from dsnot_modifier.stats import Scratch
+
+    g = torch.Generator().manual_seed(5)
+    batches = [torch.randn(2, 37, 24, generator=g) * 3 + 1, torch.randn(50, 24, generator=g),
+               torch.randn(1, 9, 24, generator=g), torch.randn(3, 40, 24, generator=g) - 2]
+    batches = [b.to(dtype) for b in batches]
+    copies = [b.clone() for b in batches]
+    scratch = Scratch()
+    for kinds in ({"with_moments": True}, {"with_moments": True, "with_gram": True},
+                  {"with_moments": False, "with_gram": False}):
+        plain, reused = InputStats(24, **kinds), InputStats(24, **kinds)
+        for b in batches:
+            plain.update(b)
+            reused.update(b, scratch)
+        for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
+            a, b = getattr(plain, field), getattr(reused, field)
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a, b), field
+    assert all(torch.equal(b, c) for b, c in zip(batches, copies))  # inputs only read
+    scratch.clear()
+    assert scratch.buffer(0, (2, 3)).shape == (2, 3)

@@ -153,7 +153,7 @@ class DSnoTModifier(Modifier):
     :param targets: layers to refine (Linear layers matched as llm-compressor does)
     :param ignore: layers to leave alone; ``lm_head`` by default
     :param chunk_rows: rows refined at once (default: chosen for the device, see
-        :func:`dsnot_modifier.swaps.chunk_rows_for`: on CPU about 1M-4M weights a
+        :func:`dsnot_modifier.swaps.chunk_rows_for`: on CPU about 1M weights a
         chunk, on a GPU the whole layer within half its free memory, at most 4 GiB)
     :param snapshot_device: where the dense copy of a layer waits between its first
         forward and its refinement: ``execution`` (the layer's execution device),
