@@ -123,3 +123,15 @@ def test_settings_that_agree(initial, sparsity, structure, expected):
 def test_settings_that_do_not(initial, sparsity, structure, match):
     with pytest.raises(ValueError, match=match):
         check_settings(initial, sparsity, structure)
+
+
+@pytest.mark.parametrize("objective, gram_dtype, ok", [
+    ("gram", "float32", True), ("gram", "bfloat16", True), ("mean", "float32", True),
+    ("mean", "bfloat16", False),
+])
+def test_gram_dtype_is_for_the_gram_objective_only(objective, gram_dtype, ok):
+    if ok:
+        assert check_settings(None, None, None, objective, gram_dtype) == (None, None)
+    else:
+        with pytest.raises(ValueError, match="objective: gram only; remove gram_dtype"):
+            check_settings(None, None, None, objective, gram_dtype)

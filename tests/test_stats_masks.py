@@ -228,3 +228,25 @@ def test_scratch_buffers_give_the_same_sums_bit_for_bit(dtype):
     assert all(torch.equal(b, c) for b, c in zip(batches, copies))  # inputs only read
     scratch.clear()
     assert scratch.buffer(0, (2, 3)).shape == (2, 3)
+
+
+def test_finiteness_is_checked_again_after_the_sums_change():
+    """check_finite returns at once for sums it passed, and checks again once an update,
+    a merge or a reduction changed them."""
+    stats = InputStats(12)
+    for x in batches(seed=5, n=2):
+        stats.update(x)
+    stats.check_finite("a")
+    stats.check_finite("a")
+    bad = batches(seed=6, n=1)[0]
+    bad[0, 0, 0] = float("nan")
+    stats.update(bad)
+    with pytest.raises(NonFiniteStatisticsError, match="inputs of b hold NaN"):
+        stats.check_finite("b")
+    clean, poisoned = InputStats(12), InputStats(12)
+    clean.update(batches(seed=7, n=1)[0])
+    clean.check_finite()
+    poisoned.update(bad)
+    clean.merge_(poisoned)
+    with pytest.raises(NonFiniteStatisticsError):
+        clean.check_finite()

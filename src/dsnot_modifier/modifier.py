@@ -208,10 +208,8 @@ class DSnoTModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_settings(self) -> "DSnoTModifier":
-        if self.objective != "gram" and self.gram_dtype != "float32":
-            raise DSnoTConfigError(f"gram_dtype: {self.gram_dtype} applies to objective: gram only; "
-                                   "remove gram_dtype or use objective: gram")
-        self._nm, structure = check_settings(self.initial, self.sparsity, self.mask_structure)
+        self._nm, structure = check_settings(self.initial, self.sparsity, self.mask_structure,
+                                             self.objective, self.gram_dtype)
         if structure != self.mask_structure:
             self.mask_structure = structure
         return self

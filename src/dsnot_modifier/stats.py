@@ -69,6 +69,8 @@ class InputStats:
         self.sumsq = zeros(num_columns) if with_moments or not with_gram else None
         self.seq_var_sum = zeros(num_columns) if with_moments else None
         self.gram_sum = zeros(num_columns, num_columns, dtype=torch.float32) if with_gram else None
+        #: the sums were found finite and have not changed since (see check_finite)
+        self._checked = False
 
     @property
     def device(self) -> torch.device:
@@ -92,6 +94,7 @@ class InputStats:
             )
         if x.numel() == 0:
             return
+        self._checked = False
         x = x.reshape(1, -1, self.num_columns) if x.dim() <= 2 else x.reshape(
             -1, x.shape[-2], self.num_columns
         )
@@ -124,6 +127,7 @@ class InputStats:
 
     def merge_(self, other: "InputStats") -> "InputStats":
         """Add another set of statistics of the same layer into this one."""
+        self._checked = False
         self.tokens += other.tokens
         self.sequences += other.sequences
         for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
@@ -156,6 +160,7 @@ class InputStats:
         """
         import torch.distributed as dist
 
+        self._checked = False
         tensors = self.tensors()
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
@@ -198,7 +203,13 @@ class InputStats:
         return {"mean": self.mean(), "var": self.var(variance), "sqnorm": self.sqnorm()}
 
     def check_finite(self, name: str = "layer"):
-        """:raises NonFiniteStatisticsError: if any statistic is NaN or inf"""
+        """
+        :raises NonFiniteStatisticsError: if any statistic is NaN or inf. Once they
+            pass, later calls return at once until the sums change (layers sharing
+            these statistics, q/k/v, gate/up, check them once: one host sync each)
+        """
+        if self._checked:
+            return
         for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
             value = getattr(self, field)
             if value is not None and not bool(torch.isfinite(value).all()):
@@ -208,6 +219,7 @@ class InputStats:
                     "(float16 overflows in many LLMs), and check the calibration data "
                     "and the layers before this one"
                 )
+        self._checked = True
 
 
 def batch_gram(x: torch.Tensor) -> torch.Tensor:
