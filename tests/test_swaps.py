@@ -246,3 +246,52 @@ def test_or_inf_is_where_with_inf(dtype):
     got = or_inf(keep, x)
     assert got.dtype == dtype
     assert torch.equal(got, torch.where(keep, x, float("inf")))
+
+
+def test_or_inf_into_given_buffers_is_the_same():
+    from dsnot_modifier._kernels import or_inf
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(9, 40, generator=g)
+    keep = torch.rand(9, 40, generator=g) < 0.3
+    want = torch.where(keep, x, float("inf"))
+    out, scratch = torch.full_like(x, 7.0), torch.full_like(x, -3.0)
+    got = or_inf(keep.clone(), x, out, scratch)
+    assert torch.equal(got, want) and got.data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("m", [2, 3, 4, 8, 16])
+def test_blocks_without_kept_reads_every_block(m):
+    """The integer view of M bools finds exactly the all-pruned blocks (and the plain
+    `all` does for other M or layouts)."""
+    from dsnot_modifier.swaps import _blocks_without_kept
+
+    g = torch.Generator().manual_seed(m)
+    rows, blocks = 13, 11
+    pruned = torch.rand(rows, blocks * m, generator=g) < 0.5
+    pruned.view(rows, blocks, m)[torch.rand(rows, blocks, generator=g) < 0.3] = True
+    pruned.view(rows, blocks, m)[:, 0, : m - 1] = True  # one kept weight only: not empty
+    want = pruned.view(rows, blocks, m).all(-1, keepdim=True)
+    assert want.any() and not want.all()
+    assert torch.equal(_blocks_without_kept(pruned, m), want)
+    wide = torch.zeros(rows, blocks * m + 1, dtype=torch.bool)
+    wide[:, 1:] = pruned  # a view at an odd offset: the plain path
+    assert torch.equal(_blocks_without_kept(wide[:, 1:], m), want)
+
+
+@pytest.mark.parametrize("sign_check", [None, True, False])
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_reused_buffers_give_the_same_result_bit_for_bit(nm, sign_check, monkeypatch):
+    """mean's chunks reuse their temporaries on CPU (a Workspace): the result, counts
+    and error sums are those of fresh tensors, over many chunks of unequal sizes."""
+    import dsnot_modifier.swaps as swaps
+
+    w, wc, stats = make_layer(rows=75, cols=64, dtype=torch.float32, nm=nm, seed=4)
+    kw = dict(objective="mean", nm=nm, sign_check=sign_check, chunk_rows=16,
+              **{k: stats[k] for k in ("mean", "var", "sqnorm")})
+    reused = refine_mask(w, wc, **kw)
+    fresh_workspace = swaps.Workspace
+    monkeypatch.setattr(swaps, "Workspace", lambda reuse: fresh_workspace(False))
+    fresh = refine_mask(w, wc, **kw)
+    assert fresh.swaps > 0
+    assert _same_result(reused, fresh)

@@ -23,6 +23,7 @@ __all__ = [
     "take",
     "argmin_rows",
     "or_inf",
+    "Workspace",
     "sorted_rows",
     "topk_rows",
     "first_k",
@@ -102,18 +103,56 @@ def argmin_rows(x: torch.Tensor) -> torch.Tensor:
 _BITS = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 
 
-def or_inf(keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def or_inf(keep: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
+           scratch: torch.Tensor | None = None) -> torch.Tensor:
     """
     ``torch.where(keep, x, inf)`` for ``x >= +0`` (no NaN, no -0.0), exactly, in a
     fraction of its time on CPU: the bit patterns of non-negative floats order as
     integers, so the result is the integer maximum of ``x``'s bits and those of +inf
-    where ``keep`` is false (0 where it is true).
+    where ``keep`` is false (0 where it is true). ``out`` (like ``x``) receives the
+    result and ``scratch`` (like ``x``) the penalty, if given; ``keep`` is overwritten
+    then.
     """
     if x.dtype not in _BITS:
         return torch.where(keep, x, INF)
     itype, inf_bits = _BITS[x.dtype]
-    penalty = torch.logical_not(keep).to(itype).mul_(inf_bits)
-    return torch.maximum(x.view(itype), penalty).view(x.dtype)
+    if scratch is None:
+        penalty = torch.logical_not(keep).to(itype).mul_(inf_bits)
+    else:
+        penalty = scratch.view(itype)
+        penalty.copy_(torch.logical_not(keep, out=keep)).mul_(inf_bits)
+    if out is None:
+        return torch.maximum(x.view(itype), penalty).view(x.dtype)
+    return torch.maximum(x.view(itype), penalty, out=out.view(itype)).view(x.dtype)
+
+
+class Workspace:
+    """
+    Buffers that the chunks of one ``refine_mask`` call reuse for their temporaries,
+    each named, each grown to the largest chunk and held until the call ends. On CPU
+    a fresh temporary of a chunk's size is memory taken from the kernel, paid with a
+    page fault per page at its first write (glibc maps large blocks afresh): measured
+    here on 4096×4096 at 1 thread, 40% of ``mean``'s 2:4 refinement (574 ms with the
+    allocator's defaults, 323 ms with none). Off (``reuse=False``, accelerators,
+    whose caching allocators reuse blocks already) it hands out fresh tensors.
+    """
+
+    def __init__(self, reuse: bool):
+        self.reuse = reuse
+        self._held: dict[tuple, torch.Tensor] = {}
+
+    def take(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A tensor of ``shape`` and ``dtype`` on ``device``; its contents are undefined."""
+        if not self.reuse:
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = 1
+        for n in shape:
+            numel *= int(n)
+        key = (name, dtype, torch.device(device))
+        held = self._held.get(key)
+        if held is None or held.numel() < numel:
+            held = self._held[key] = torch.empty(numel, dtype=dtype, device=device)
+        return held[:numel].view(shape)
 
 
 def sorted_rows(key: torch.Tensor, largest: bool, low_first):

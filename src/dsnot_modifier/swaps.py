@@ -67,6 +67,7 @@ from dsnot_modifier._kernels import (
     first_k,
     fix_ties,
     or_inf,
+    Workspace,
     take,
     threads,
 )
@@ -226,16 +227,33 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def _blocks_without_kept(wc: torch.Tensor, m: int) -> torch.Tensor:
+#: integer types as wide as M bools, for the blocks' test of :func:`_blocks_without_kept`
+_BLOCK_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _blocks_without_kept(pruned: torch.Tensor, m: int) -> torch.Tensor:
     """
-    ``[rows, cols]``: True in the blocks of M columns that hold no kept weight (all
-    zero, e.g. SparseGPT N:M on inputs calibration never activates). A weight grown
-    there has no kept weight of its block to prune in exchange: it is no candidate
-    (else a row whose best growth lies there would stop for good).
+    ``[rows, cols // m, 1]`` (to broadcast over a ``[rows, cols // m, m]`` view): True
+    for the blocks of M columns that hold no kept weight (``pruned``: the weight's
+    zeros; all pruned, e.g. SparseGPT N:M on inputs calibration never activates). A
+    weight grown there has no kept weight of its block to prune in exchange: it is
+    no candidate (else a row whose best growth lies there would stop for good).
+    For M of 2, 4 or 8 the M bools of a block (bytes 0 or 1) are read as one integer,
+    all true when it equals 0x01...01: exact, and a fraction of ``all``'s time.
     """
-    rows, cols = wc.shape
-    empty = (wc == 0).view(rows, cols // m, m).all(-1, keepdim=True)
-    return empty.expand(rows, cols // m, m).reshape(rows, cols)
+    rows, cols = pruned.shape
+    itype = _BLOCK_INTS.get(m)
+    if itype is not None and pruned.is_contiguous() and pruned.storage_offset() % m == 0:
+        ones = int.from_bytes(b"\x01" * m, "little")
+        return (pruned.view(itype) == ones).unsqueeze(2)
+    return pruned.view(rows, cols // m, m).all(-1, keepdim=True)
+
+
+def _fill_blocks(x: torch.Tensor, blocks: torch.Tensor, value: float) -> torch.Tensor:
+    """Fill ``x`` (``[rows, cols]``, contiguous) with ``value`` in ``blocks`` (see above)."""
+    rows, cols = x.shape
+    x.view(rows, blocks.shape[1], -1).masked_fill_(blocks, value)
+    return x
 
 
 class _Objective:
@@ -305,27 +323,30 @@ class _MeanObjective(_Objective):
     row_fields = ("rows", "r", "grow", "prune", "ptr")
 
     def __init__(self, w, wc, nm, *, target, first_row, max_cycles, mean, q, q_finite,
-                 score_col, threshold, sign_check, product_threads=None):
+                 score_col, threshold, sign_check, product_threads=None, workspace=None):
         rows, cols = w.shape
         self.nm, self.target = nm, target
         self.mean, self.threshold, self.sign_check = mean, threshold, sign_check
         device = w.device
+        # the chunk's temporaries (the same values in fresh tensors or reused buffers)
+        ws = workspace if workspace is not None else Workspace(reuse=False)
+        buf = lambda name, dtype=w.dtype: ws.take(name, w.shape, dtype, device)  # noqa: E731
         # the rows of `target` (the result) still refined
         self.rows = torch.arange(first_row, first_row + rows, device=device)
-        pruned = wc == 0
+        pruned = torch.eq(wc, 0, out=buf("mask", torch.bool))
         with threads(product_threads):
-            self.r = (w - wc) @ mean
+            self.r = torch.sub(w, wc, out=buf("v")) @ mean
         k = max(1, min(max_cycles, cols))
         # grow list: pruned weights by W·mean/var^p, largest first; the positive ones
         # (for r > 0) are walked from the front, the negative ones (r < 0) from the back
         # (ties: the front in index order, the back in reverse index order). Kept
         # weights get 0 (a product by the mask is faster than a masked fill)
         if q_finite:
-            grow_key = torch.mul(w, pruned).mul_(q)
+            grow_key = torch.mul(w, pruned, out=buf("grow")).mul_(q)
         else:
             grow_key = (w * q).masked_fill_(~pruned, 0)
         if nm is not None:
-            grow_key.masked_fill_(_blocks_without_kept(wc, nm[1]), 0)
+            _fill_blocks(grow_key, _blocks_without_kept(pruned, nm[1]), 0)
         del pruned
         self.single = sign_check
         if sign_check:
@@ -346,18 +367,19 @@ class _MeanObjective(_Objective):
             # prune lists: kept weights whose removal moves r toward zero, least Wanda
             # score first: Wc·mean < 0 for r > 0 (ties: reverse index order), Wc·mean > 0
             # for r < 0 (ties: index order)
-            score = wc.abs().mul_(score_col)
-            v = wc * mean
+            score = torch.abs(wc, out=buf("score")).mul_(score_col)
+            v = torch.mul(wc, mean, out=buf("v"))
+            mask, penalty = buf("mask", torch.bool), buf("penalty")
             if sign_check:
                 v.mul_(torch.where(pos, 1.0, -1.0).to(v.dtype).unsqueeze(1))
-                key = or_inf(v < 0, score)
+                key = or_inf(torch.lt(v, 0, out=mask), score, buf("key"), penalty)
                 del v, score
                 prune_v, prune_i, tied_prune = first_k(key, k, largest=False, low_first=~pos)
                 tied |= tied_prune & (prune_v[:, -1] < INF)
                 lists.append((key, False, ~pos, prune_v, prune_i))
             else:
-                key_neg = or_inf(v < 0, score)
-                key_pos = or_inf(v > 0, score)
+                key_neg = or_inf(torch.lt(v, 0, out=mask), score, buf("key"), penalty)
+                key_pos = or_inf(torch.gt(v, 0, out=mask), score, buf("key_pos"), penalty)
                 del v, score
                 neg_v, neg_i, tied_neg = first_k(key_neg, k, largest=False, low_first=False)
                 pos_v, pos_i, tied_pos = first_k(key_pos, k, largest=False, low_first=True)
@@ -498,7 +520,7 @@ class _GramObjective(_Objective):
         zero = torch.zeros((), dtype=w.dtype, device=w.device)
         self.grow_penalty = torch.where((wc != 0) | (w == 0), INF, zero)
         if nm is not None:
-            self.grow_penalty.masked_fill_(_blocks_without_kept(wc, nm[1]), INF)
+            _fill_blocks(self.grow_penalty, _blocks_without_kept(wc == 0, nm[1]), INF)
         self.prune_penalty = torch.where(wc == 0, INF, zero)
         self._scratch = torch.empty_like(w)  # d_grow, d_prune, then the update of u
         self._rows_h = torch.empty_like(w)  # rows g of H
@@ -674,7 +696,7 @@ def refine_mask(
         check = (nm is not None) if sign_check is None else bool(sign_check)
         options = dict(mean=mean, q=q, q_finite=bool(torch.isfinite(q).all()),
                        score_col=score_col, threshold=threshold, sign_check=check,
-                       max_cycles=max_cycles)
+                       max_cycles=max_cycles, workspace=Workspace(reuse=device.type == "cpu"))
     else:
         gram = gram.to(device, dtype)
         options = dict(gram=gram, h_diag=gram.diagonal().contiguous(), rtol=rtol)
