@@ -70,13 +70,13 @@ import ctypes
 import gc
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from dsnot_modifier.experiments.pipeline import cpu_description
 from dsnot_modifier.swaps import DEFAULT_THRESHOLD, refine_mask
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
@@ -95,18 +95,11 @@ REQUIRED_KEYS = ("shape", "structure", "objective", "threads", "refine_s", "base
 
 
 def device_name(device: torch.device) -> str:
-    """What the device is: the GPU's name, the CPU's model."""
+    """What the device is: the GPU's name, the CPU's model and vector features."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("model name"):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or "cpu"
+        return cpu_description()
     return str(device)
 
 

@@ -190,3 +190,15 @@ def test_plot_draws_nm_points_in_their_methods_colour(tmp_path, monkeypatch):
                                      (45.0, "s", by_method["wanda+dsnot"])])
     legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
     assert legend == ["dense", "wanda", "wanda+dsnot", "2:4", "4:8"]
+
+
+def test_cpu_description_names_the_model_and_the_features_that_move_timings(tmp_path):
+    from dsnot_modifier.experiments.pipeline import cpu_description, environment
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some Xeon\n"
+                    "flags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert cpu_description(str(info)) == "Some Xeon (avx2, fma, avx512f, avx512_bf16, amx_tile, amx_bf16)"
+    info.write_text("model name\t: Old\nflags\t\t: fpu sse2\n")
+    assert cpu_description(str(info)).startswith("Old (none of avx2/")
+    assert isinstance(environment()["cpu"], str)

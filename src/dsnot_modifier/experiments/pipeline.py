@@ -186,4 +186,28 @@ def environment() -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    return {"machine": platform.platform(), "date": time.strftime("%Y-%m-%d"), "versions": versions}
+    return {"machine": platform.platform(), "cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
+            "versions": versions}
+
+
+#: the CPU features that move our timings (vector width, native bfloat16 and matrix units)
+_CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "asimd", "sve")
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model and which of ``_CPU_FEATURES`` it has, e.g. ``AMD EPYC (avx2, fma)``."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    present = [f for f in _CPU_FEATURES if f in flags]
+    return f"{model} ({', '.join(present) or 'none of ' + '/'.join(_CPU_FEATURES)})"
