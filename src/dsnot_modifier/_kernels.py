@@ -132,8 +132,8 @@ class Workspace:
     each named, each grown to the largest chunk and held until the call ends. On CPU
     a fresh temporary of a chunk's size is memory taken from the kernel, paid with a
     page fault per page at its first write (glibc maps large blocks afresh): measured
-    here on 4096×4096 at 1 thread, 40% of ``mean``'s 2:4 refinement (574 ms with the
-    allocator's defaults, 323 ms with none). Off (``reuse=False``, accelerators,
+    here on 4096×4096 at 1 thread, 40% of ``mean``'s 2:4 refinement (574 ms with
+    glibc's defaults, 323 ms when its heap never gives memory back). Off (``reuse=False``, accelerators,
     whose caching allocators reuse blocks already) it hands out fresh tensors.
     """
 

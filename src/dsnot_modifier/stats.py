@@ -115,7 +115,7 @@ class InputStats:
             total = flat.sum(0)
             self.sum += total.double()
         if self.sumsq is not None:
-            square = torch.square(flat, out=scratch.buffer(1, flat.shape)) if scratch else flat.square()
+            square = flat.square() if scratch is None else torch.square(flat, out=scratch.buffer(1, flat.shape))
             self.sumsq += square.sum(0).double()
             del square
         if self.seq_var_sum is not None:
