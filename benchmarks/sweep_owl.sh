@@ -28,6 +28,31 @@ print(min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"][len("M5 l
 PY
 )
 echo "best λ at M=5: $best"
-for m in 3 10; do
+for m in 3 10 20; do
   "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$m" --owl-lambda "$best" --tag "M$m l$best" "${common[@]}"
+done
+# M = 10 was best of 3, 5, 10, at the edge of the range: M = 20 above it, then 15 if 20
+# is not better; then λ again at the best M.
+bestm=$("$python" - "$out" "$sparsity" "$best" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))
+        if r["method"] == "owl-wanda+dsnot" and r["sparsity"] == sys.argv[2]
+        and r["params"].get("tag", "").endswith(" l" + sys.argv[3])]
+print(min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"].split()[0][1:])
+PY
+)
+if [ "$bestm" = 10 ]; then
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m 15 --owl-lambda "$best" --tag "M15 l$best" "${common[@]}"
+fi
+bestm=$("$python" - "$out" "$sparsity" "$best" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1]))
+        if r["method"] == "owl-wanda+dsnot" and r["sparsity"] == sys.argv[2]
+        and r["params"].get("tag", "").endswith(" l" + sys.argv[3])]
+print(min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"].split()[0][1:])
+PY
+)
+echo "best M at λ=$best: $bestm"
+for lam in 0.04 0.12; do
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$bestm" --owl-lambda "$lam" --tag "M$bestm l$lam" "${common[@]}"
 done

@@ -206,14 +206,14 @@ def test_bfloat16_gram_products():
 def test_scratch_buffers_give_the_same_sums_bit_for_bit(dtype):
     """The CPU updates' reused buffers change no bit of any statistic, whatever the
     order of batch shapes (a buffer grown by a big batch serves a smaller one)."""
-    from dsnot_modifier.stats import Scratch
+    from dsnot_modifier._kernels import Workspace
 
     g = torch.Generator().manual_seed(5)
     batches = [torch.randn(2, 37, 24, generator=g) * 3 + 1, torch.randn(50, 24, generator=g),
                torch.randn(1, 9, 24, generator=g), torch.randn(3, 40, 24, generator=g) - 2]
     batches = [b.to(dtype) for b in batches]
     copies = [b.clone() for b in batches]
-    scratch = Scratch()
+    scratch = Workspace(reuse=True)
     for kinds in ({"with_moments": True}, {"with_moments": True, "with_gram": True},
                   {"with_moments": False, "with_gram": False}):
         plain, reused = InputStats(24, **kinds), InputStats(24, **kinds)
@@ -226,8 +226,11 @@ def test_scratch_buffers_give_the_same_sums_bit_for_bit(dtype):
             if a is not None:
                 assert torch.equal(a, b), field
     assert all(torch.equal(b, c) for b, c in zip(batches, copies))  # inputs only read
+    held = scratch.take("x", (2, 3), torch.float32, "cpu")
+    assert scratch.take("x", (3, 2), torch.float32, "cpu").data_ptr() == held.data_ptr()  # reused
     scratch.clear()
-    assert scratch.buffer(0, (2, 3)).shape == (2, 3)
+    again = scratch.take("x", (2, 3), torch.float32, "cpu")  # made afresh (held is still alive)
+    assert again.shape == (2, 3) and again.data_ptr() != held.data_ptr()
 
 
 def test_finiteness_is_checked_again_after_the_sums_change():

@@ -128,13 +128,23 @@ def or_inf(keep: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
 
 class Workspace:
     """
-    Buffers that the chunks of one ``refine_mask`` call reuse for their temporaries,
-    each named, each grown to the largest chunk and held until the call ends. On CPU
-    a fresh temporary of a chunk's size is memory taken from the kernel, paid with a
-    page fault per page at its first write (glibc maps large blocks afresh): measured
-    here on 4096×4096 at 1 thread, 40% of ``mean``'s 2:4 refinement (574 ms with
-    glibc's defaults, 323 ms when its heap never gives memory back). Off (``reuse=False``, accelerators,
-    whose caching allocators reuse blocks already) it hands out fresh tensors.
+    Named buffers reused for temporaries, each grown to the largest request and held
+    until :meth:`clear` (or the workspace goes). On CPU a fresh temporary of a
+    layer's or batch's size is memory taken from the kernel, paid with a page fault
+    per page at its first write (glibc maps blocks of 128 KiB and more afresh, at
+    first; above 32 MiB always). Off (``reuse=False``: accelerators, whose caching
+    allocators reuse blocks already) it hands out fresh tensors.
+
+    Two users: the chunks of one ``refine_mask`` call (measured on 4096×4096 at
+    1 thread, fresh temporaries were 40% of ``mean``'s 2:4 refinement: 574 ms with
+    glibc's defaults, 323 ms when its heap never gives memory back), and the CPU
+    updates of the input statistics, batch after batch (one per
+    :class:`~dsnot_modifier.stats.SharedInputs`, cleared at every epoch end;
+    2 threads, one update, 2026-12-02: a [1, 4096, 4096] batch, Llama-7B's width,
+    161 ms fresh against 40 ms reused in bfloat16, 104 against 35 ms in float32;
+    SmolLM2's [1, 512, 1536] 4.6 against 0.96 ms alone, no difference inside its
+    oneshot, whose heap keeps such small blocks). Results are the same values as
+    with fresh tensors.
     """
 
     def __init__(self, reuse: bool):
@@ -153,6 +163,10 @@ class Workspace:
         if held is None or held.numel() < numel:
             held = self._held[key] = torch.empty(numel, dtype=dtype, device=device)
         return held[:numel].view(shape)
+
+    def clear(self):
+        """Give the buffers back (the next requests make them again)."""
+        self._held.clear()
 
 
 def sorted_rows(key: torch.Tensor, largest: bool, low_first):

@@ -14,7 +14,9 @@ from typing import Callable, Literal, get_args
 
 import torch
 
-__all__ = ["InputStats", "LayerState", "SharedInputs", "Scratch", "NonFiniteStatisticsError", "batch_gram",
+from dsnot_modifier._kernels import Workspace
+
+__all__ = ["InputStats", "LayerState", "SharedInputs", "NonFiniteStatisticsError", "batch_gram",
            "Variance", "VARIANCE_KINDS"]
 
 #: how the variance of an input column is defined, see :meth:`InputStats.var`
@@ -77,7 +79,7 @@ class InputStats:
         any_field = self.sumsq if self.sumsq is not None else self.gram_sum
         return any_field.device
 
-    def update(self, x: torch.Tensor, scratch: "Scratch | None" = None):
+    def update(self, x: torch.Tensor, scratch: Workspace | None = None):
         """
         Add a batch of inputs: ``[batch, seq, C]`` (one sequence per batch row) or
         ``[tokens, C]`` (taken as one sequence). An input without tokens (an MoE
@@ -85,7 +87,8 @@ class InputStats:
         it is not counted as a sequence, so no statistic becomes NaN.
 
         :param scratch: buffers for the temporaries, reused from batch to batch
-            (:class:`Scratch`; CPU only, ignored elsewhere); the sums are the same
+            (:class:`~dsnot_modifier._kernels.Workspace`; CPU only, ignored
+            elsewhere); the sums are the same
         """
         x = x.detach()
         if x.shape[-1] != self.num_columns:
@@ -105,7 +108,7 @@ class InputStats:
         if low is None or self.sum is not None or self.sumsq is not None:
             if (scratch is not None and x.device == self.device and x.dtype != torch.float32
                     and x.is_contiguous()):
-                x = scratch.buffer(0, x.shape).copy_(x)  # the same values as x.to(float32)
+                x = scratch.take("x", x.shape, torch.float32, "cpu").copy_(x)  # the same values as x.to(float32)
             else:
                 x = x.to(device=self.device, dtype=torch.float32)
         flat = x.reshape(-1, self.num_columns)
@@ -115,7 +118,7 @@ class InputStats:
             total = flat.sum(0)
             self.sum += total.double()
         if self.sumsq is not None:
-            square = flat.square() if scratch is None else torch.square(flat, out=scratch.buffer(1, flat.shape))
+            square = flat.square() if scratch is None else torch.square(flat, out=scratch.take("t", flat.shape, torch.float32, "cpu"))
             self.sumsq += square.sum(0).double()
             del square
         if self.seq_var_sum is not None:
@@ -250,51 +253,14 @@ def _sequence_variances(x: torch.Tensor, shift: torch.Tensor, scratch=None) -> t
     difference has no cancellation to speak of, even for columns whose mean dwarfs
     their spread (LLMs' massive activations). Two passes that vectorise along the
     columns, where ``var`` over the middle dimension makes one slow strided pass.
-    With ``scratch`` (:class:`Scratch`), ``d`` and its square are made in one of its
-    buffers (the same values as without).
+    With ``scratch`` (a :class:`~dsnot_modifier._kernels.Workspace`), ``d`` and its
+    square are made in one of its buffers (the same values as without).
     """
-    d = x - shift if scratch is None else torch.sub(x, shift, out=scratch.buffer(1, x.shape))
+    d = x - shift if scratch is None else torch.sub(x, shift, out=scratch.take("t", x.shape, torch.float32, "cpu"))
     tokens = x.shape[1]
     first = d.sum(1).double() / tokens
     second = (d.square() if scratch is None else d.square_()).sum(1).double() / tokens
     return (second - first.square()).clamp_min(0)
-
-
-class Scratch:
-    """
-    Float32 buffers that the CPU updates of :class:`InputStats` reuse, batch after
-    batch, for their temporaries (the float32 copy of the input, its square,
-    its shifted copy). A fresh tensor of a batch's size is memory the allocator
-    takes from the kernel (glibc maps blocks of 128 KiB and more on their own, at
-    first; above 32 MiB always), so every page of it costs a page fault when first
-    written. Measured here (2 threads, one update, 2026-12-02): a [1, 4096, 4096]
-    batch (Llama-7B's width) 161 ms with fresh temporaries against 40 ms reused in
-    bfloat16, 104 against 35 ms in float32; SmolLM2's [1, 512, 1536] 4.6 against
-    0.96 ms alone, no difference inside its oneshot (whose heap keeps such small
-    blocks). Each buffer grows to the largest batch seen and stays (one batch's
-    input in float32 at most, per buffer) until :meth:`clear`; results are the same
-    values as with fresh tensors. Not used on accelerators, whose caching allocators
-    reuse blocks. One per :class:`SharedInputs`, cleared with it (at every epoch end).
-    """
-
-    SLOTS = 2
-
-    def __init__(self):
-        self._buffers: list[torch.Tensor | None] = [None] * self.SLOTS
-
-    def buffer(self, slot: int, shape) -> torch.Tensor:
-        """A float32 CPU tensor of ``shape`` (its contents are undefined)."""
-        numel = 1
-        for n in shape:
-            numel *= int(n)
-        held = self._buffers[slot]
-        if held is None or held.numel() < numel:
-            held = self._buffers[slot] = torch.empty(numel, dtype=torch.float32)
-        return held[:numel].view(shape)
-
-    def clear(self):
-        """Give the buffers back (the next update makes them again)."""
-        self._buffers = [None] * self.SLOTS
 
 
 class SharedInputs:
@@ -319,8 +285,8 @@ class SharedInputs:
 
     def __init__(self):
         self._entries: dict[tuple, tuple[weakref.ref, int, "InputStats"]] = {}
-        #: the buffers of the statistics' updates (see :class:`Scratch`)
-        self.scratch = Scratch()
+        #: the reused CPU buffers of the statistics' updates
+        self.scratch = Workspace(reuse=True)
 
     @staticmethod
     def _key(x: torch.Tensor) -> tuple:
