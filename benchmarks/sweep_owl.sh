@@ -3,7 +3,7 @@
 # sweep_defaults.sh: calibration on four novels, perplexity on Persuasion, never on
 # Pride and Prejudice (the README's test text). The method swept is the product,
 # OWL + Wanda + DSnoT (defaults), at 70%: first λ at the paper's M = 5, then M at the
-# best λ found. Every configuration is one `dsnot bench` row (--tag) in
+# best λ found, then λ again at the best M. Every configuration is one `dsnot bench` row (--tag) in
 # runs/sweep_owl.json; rerun to resume. Extra arguments go to every `dsnot bench` call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,40 +19,31 @@ common=(--calib-text emma --calib-text mansfieldpark --calib-text northangerabbe
 for lam in 0.04 0.08 0.16; do
   "$dsnot" bench --methods owl-wanda+dsnot --owl-m 5 --owl-lambda "$lam" --tag "M5 l$lam" "${common[@]}"
 done
-best=$("$python" - "$out" "$sparsity" <<'PY'
+# best TAGPREFIX TAGSUFFIX: the tag (its part between the two) of the best OWL row whose
+# tag starts and ends so
+best() {
+  "$python" - "$out" "$sparsity" "$1" "$2" <<'PY'
 import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))
-        if r["method"] == "owl-wanda+dsnot" and r["sparsity"] == sys.argv[2]
-        and r["params"].get("tag", "").startswith("M5 l")]
-print(min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"][len("M5 l"):])
+out, sparsity, prefix, suffix = sys.argv[1:]
+rows = [r for r in json.load(open(out))
+        if r["method"] == "owl-wanda+dsnot" and r["sparsity"] == sparsity
+        and r["params"].get("tag", "").startswith(prefix) and r["params"]["tag"].endswith(suffix)]
+tag = min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"]
+print(tag[len(prefix):len(tag) - len(suffix)])
 PY
-)
-echo "best λ at M=5: $best"
+}
+lam=$(best "M5 l" "")
+echo "best λ at M=5: $lam"
 for m in 3 10 20; do
-  "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$m" --owl-lambda "$best" --tag "M$m l$best" "${common[@]}"
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$m" --owl-lambda "$lam" --tag "M$m l$lam" "${common[@]}"
 done
-# M = 10 was best of 3, 5, 10, at the edge of the range: M = 20 above it, then 15 if 20
-# is not better; then λ again at the best M.
-bestm=$("$python" - "$out" "$sparsity" "$best" <<'PY'
-import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))
-        if r["method"] == "owl-wanda+dsnot" and r["sparsity"] == sys.argv[2]
-        and r["params"].get("tag", "").endswith(" l" + sys.argv[3])]
-print(min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"].split()[0][1:])
-PY
-)
-if [ "$bestm" = 10 ]; then
-  "$dsnot" bench --methods owl-wanda+dsnot --owl-m 15 --owl-lambda "$best" --tag "M15 l$best" "${common[@]}"
+# M = 10 was the best of 3, 5, 10, at the edge of the range: M = 20 above it, then 15
+# if 10 is still the best; then λ again at the best M.
+if [ "$(best M " l$lam")" = 10 ]; then
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m 15 --owl-lambda "$lam" --tag "M15 l$lam" "${common[@]}"
 fi
-bestm=$("$python" - "$out" "$sparsity" "$best" <<'PY'
-import json, sys
-rows = [r for r in json.load(open(sys.argv[1]))
-        if r["method"] == "owl-wanda+dsnot" and r["sparsity"] == sys.argv[2]
-        and r["params"].get("tag", "").endswith(" l" + sys.argv[3])]
-print(min(rows, key=lambda r: r["ppl"]["persuasion"])["params"]["tag"].split()[0][1:])
-PY
-)
-echo "best M at λ=$best: $bestm"
-for lam in 0.04 0.12; do
-  "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$bestm" --owl-lambda "$lam" --tag "M$bestm l$lam" "${common[@]}"
+m=$(best M " l$lam")
+echo "best M at λ=$lam: $m"
+for l in 0.04 0.12 0.16; do
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$m" --owl-lambda "$l" --tag "M$m l$l" "${common[@]}"
 done

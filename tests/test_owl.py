@@ -235,7 +235,7 @@ def test_bench_methods_build_owl_recipes():
             assert recipe[1].sparsity_profile is None
             if extra:
                 assert recipe[2].max_cycles == 3 and recipe[2].initial is None
-    assert (make_recipe("owl-wanda", "0.6")[0].m, make_recipe("owl-wanda", "0.6")[0].lmbda) == (10.0, 0.08)
+    assert (make_recipe("owl-wanda", "0.6")[0].m, make_recipe("owl-wanda", "0.6")[0].lmbda) == (10.0, 0.16)
     with pytest.raises(ValueError, match="unstructured"):
         make_recipe("owl-wanda", "2:4")
 
