@@ -6,6 +6,7 @@ import yaml
 from pydantic import ValidationError
 
 import reference_owl as ref
+from conftest import load_script
 from dsnot_modifier import DSnoTModifier, OWLError, OWLModifier
 from dsnot_modifier import owl
 from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer, make_recipe
@@ -279,3 +280,21 @@ def test_offloaded_model_gets_the_same_owl_result(tiny_model_dir, calib_windows,
            if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
     assert all(torch.equal(got[n], w) for n, w in in_memory.items())
     assert len({round(float((w == 0).float().mean()), 2) for w in got.values()}) > 1
+
+
+def test_lambda_bound_script_measures_what_the_modifier_uses(tiny_model_dir, calib_windows):
+    """benchmarks/owl_lambda_bound.py: its ratios are OWLModifier's, its bound is where OWL refuses."""
+    script = load_script("benchmarks/owl_lambda_bound.py")
+    owl_mod = OWLModifier(m=3, lmbda=0.1)
+    run(tiny_model_dir, calib_windows, [owl_mod, WandaPruningModifier(sparsity=0.6, mask_structure="0:0", **COMMON)])
+    model = load_model(tiny_model_dir)
+    ratios = script.layer_ratios(model, 3.0, script.input_sqnorms(model, calib_windows))
+    assert ratios.keys() == owl_mod.outlier_ratios.keys() == {"model.layers.0", "model.layers.1"}
+    for layer, d in ratios.items():
+        assert d == pytest.approx(owl_mod.outlier_ratios[layer], abs=2 / 36864)
+    values = list(ratios.values())
+    bound = owl.max_lambda(values, 0.6)
+    assert 0 < bound < 1
+    owl.owl_sparsities(values, 0.6, bound * 0.999)
+    with pytest.raises(OWLError, match="lambda must be below"):
+        owl.owl_sparsities(values, 0.6, bound * 1.001)

@@ -103,9 +103,10 @@ class OWLModifier(Modifier):
         paper); 0 <= lmbda < 0.5, and small enough that every layer's sparsity stays
         in (0, 1): below min(S, 1 − S)/2 always is (a larger one is refused with the
         largest valid value). 0.16 is the best of 0.04, 0.08, 0.12 and 0.16 at M = 10
-        in the same sweep (179.15, 174.14, 171.75, 169.61); it is at the edge of the
-        range tried, and at 80% and above a model whose outlier ratios sit low may
-        need a smaller one
+        in the same sweep (179.15, 174.14, 171.75, 169.61). Past it, λ = 0.2 with
+        M = 20 did a little better (164.02); BENCHMARKS.md says why the defaults
+        stay. At 80% and above, a model whose outlier ratios mostly sit high (a few
+        layers far below the rest) may need a smaller λ
     """
 
     requires_calibration_data: bool = True
