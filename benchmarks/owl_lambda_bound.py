@@ -90,6 +90,9 @@ def main() -> None:
     windows = calibration_windows(tokenizer, args.calib_samples, DEFAULT_SEQ_LEN, texts=CALIBRATION_TEXTS)
     model = load_model(path)
     sqnorms = input_sqnorms(model, windows)
+    modules = dict(model.named_modules())
+    # weights per decoder layer: OWLModifier weighs the mean by them (equal sizes: no shift)
+    sizes = [sum(modules[n].weight.numel() for n in names) for names in decoder_layers(model).values()]
     rows = []
     print(f"{len(decoder_layers(model))} decoder layers, {args.calib_samples} windows x {DEFAULT_SEQ_LEN} tokens")
     print("| M | D_l (min, max) | largest λ at " + " | ".join(f"{s:.0%}" for s in args.sparsities)
@@ -98,9 +101,9 @@ def main() -> None:
     for m in args.m:
         by_layer = layer_ratios(model, m, sqnorms)
         ratios = list(by_layer.values())
-        bounds = {s: max_lambda(ratios, s) for s in args.sparsities}
+        bounds = {s: max_lambda(ratios, s, sizes) for s in args.sparsities}
         # the highest layer sparsity at λ: S minus the most negative offset
-        top = {lam: {s: s - min(owl_offsets(ratios, lam)) for s in args.sparsities} for lam in (0.16, 0.2)}
+        top = {lam: {s: s - min(owl_offsets(ratios, lam, sizes)) for s in args.sparsities} for lam in (0.16, 0.2)}
         rows.append({"m": m, "ratios": by_layer, "max_lambda": bounds,
                      "top_sparsity": top})
         print(f"| {m:g} | {min(ratios):.5f}, {max(ratios):.5f} | "

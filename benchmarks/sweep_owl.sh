@@ -3,7 +3,8 @@
 # sweep_defaults.sh: calibration on four novels, perplexity on Persuasion, never on
 # Pride and Prejudice (the README's test text). The method swept is the product,
 # OWL + Wanda + DSnoT (defaults), at 70%: first λ at the paper's M = 5, then M at the
-# best λ found, then λ again at the best M. Every configuration is one `dsnot bench` row (--tag) in
+# best λ found, then λ again at the best M (0.2 too if 0.16 wins), then M again at the best
+# λ. Every configuration is one `dsnot bench` row (--tag) in
 # runs/sweep_owl.json; rerun to resume. Extra arguments go to every `dsnot bench` call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
