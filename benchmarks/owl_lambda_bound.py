@@ -3,7 +3,7 @@ The largest λ OWL can take on the embedded SmolLM2, per M and target sparsity
 (issue 16): how much room the defaults leave before a layer's sparsity leaves (0, 1).
 
 One dense forward pass over the bench's calibration windows (the same texts, count,
-length and seed as ``dsnot bench``) collects each Linear's input mean squares; the
+length and seed as ``dsnot bench``) collects each Linear's input mean squares (``owl.InputSqnorms``, as OWLModifier); the
 outlier ratios D_l of the decoder layers and ``max_lambda`` follow from
 :mod:`dsnot_modifier.owl`, the functions OWLModifier uses. Prints a table and writes
 JSON (``--out``). CPU, a few minutes.
@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from dsnot_modifier.owl import max_lambda, outlier_ratio, owl_offsets
+from dsnot_modifier.owl import InputSqnorms, max_lambda, outlier_ratio, owl_offsets
 from dsnot_modifier.report import write_json
 
 #: ``dsnot bench``'s defaults: 64 calibration windows of 512 tokens
@@ -29,16 +29,10 @@ def input_sqnorms(model, windows: torch.Tensor, batch_size: int = 4) -> dict[str
     """Mean of x_j² over every token, for each Linear of the decoder (lm_head left out)."""
     from dsnot_modifier.experiments.pipeline import linear_layers
 
-    sums: dict[str, list] = {}
+    sqnorms = InputSqnorms()
 
     def hook(name):
-        def accumulate(_module, args, _output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            entry = sums.setdefault(name, [torch.zeros(x.shape[-1], dtype=torch.float64), 0])
-            entry[0] += x.square().sum(0)
-            entry[1] += x.shape[0]
-
-        return accumulate
+        return lambda _module, args, _output: sqnorms.add(name, args[0])
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linear_layers(model)]
     try:
@@ -48,7 +42,7 @@ def input_sqnorms(model, windows: torch.Tensor, batch_size: int = 4) -> dict[str
     finally:
         for h in handles:
             h.remove()
-    return {name: (s / max(n, 1)).to(torch.float32) for name, (s, n) in sums.items()}
+    return {name: sqnorms.mean(name) for name in sqnorms.sums}
 
 
 def decoder_layers(model) -> dict[str, list[str]]:

@@ -4,7 +4,7 @@
 # Pride and Prejudice (the README's test text). The method swept is the product,
 # OWL + Wanda + DSnoT (defaults), at 70%: first λ at the paper's M = 5, then M at the
 # best λ found, then λ again at the best M (0.2 too if 0.16 wins), then M again at the best
-# λ. Every configuration is one `dsnot bench` row (--tag) in
+# λ, then one step past the best M and λ. Every configuration is one `dsnot bench` row (--tag) in
 # runs/sweep_owl.json; rerun to resume. Extra arguments go to every `dsnot bench` call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,4 +60,14 @@ echo "best λ at M=$m: $lam"
 for m2 in 5 10 15 20; do
   "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$m2" --owl-lambda "$lam" --tag "M$m2 l$lam" "${common[@]}"
 done
-echo "best M at λ=$lam: $(best M " l$lam")"
+m=$(best M " l$lam")
+echo "best M at λ=$lam: $m"
+# M = 20 with λ = 0.2 was the best, at the edge of both ranges: one step past each
+if [ "$m" = 20 ] && [ "$lam" = 0.2 ]; then
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m 30 --owl-lambda 0.2 --tag "M30 l0.2" "${common[@]}"
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m 20 --owl-lambda 0.25 --tag "M20 l0.25" "${common[@]}"
+  # λ = 0.25 did a little better (within the rounding spread): 0.3 above it
+  if [ "$(best "M20 l" "")" = 0.25 ]; then
+    "$dsnot" bench --methods owl-wanda+dsnot --owl-m 20 --owl-lambda 0.3 --tag "M20 l0.3" "${common[@]}"
+  fi
+fi

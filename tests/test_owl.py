@@ -70,6 +70,23 @@ def test_lambda_bound_is_named_and_exact():
         owl.outlier_ratio(*_layer(1, [(4, 4)]), 0)
 
 
+def test_input_sqnorms_is_the_mean_square_over_every_token():
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 5, 8) * 3, torch.randn(1, 7, 8), torch.randn(4, 8).to(torch.bfloat16)]
+    acc = owl.InputSqnorms()
+    for x in batches:
+        acc.add("a", x)
+    acc.add("b", batches[1])
+    tokens = torch.cat([x.to(torch.float64).reshape(-1, 8) for x in batches])
+    assert acc.tokens == {"a": 21, "b": 7}
+    assert acc.mean("a").dtype == torch.float64
+    torch.testing.assert_close(acc.mean("a"), tokens.square().mean(0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(acc.mean("b"), batches[1].to(torch.float64).square().mean((0, 1)), rtol=1e-6, atol=0)
+    assert "a" in acc and "c" not in acc
+    acc.clear()
+    assert "a" not in acc and acc.tokens == {}
+
+
 def test_per_row_rounding_reaches_the_target():
     # the tiny Llama's shapes (two layers), each Linear a unit, OWL at 0.6 +- 0.1
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
@@ -236,7 +253,7 @@ def test_bench_methods_build_owl_recipes():
             assert recipe[1].sparsity_profile is None
             if extra:
                 assert recipe[2].max_cycles == 3 and recipe[2].initial is None
-    assert (make_recipe("owl-wanda", "0.6")[0].m, make_recipe("owl-wanda", "0.6")[0].lmbda) == (10.0, 0.16)
+    assert (make_recipe("owl-wanda", "0.6")[0].m, make_recipe("owl-wanda", "0.6")[0].lmbda) == (20.0, 0.2)
     with pytest.raises(ValueError, match="unstructured"):
         make_recipe("owl-wanda", "2:4")
 

@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "OWLError",
+    "InputSqnorms",
     "outlier_ratio",
     "score_sum",
     "count_above",
@@ -44,6 +45,46 @@ _CHUNK = 1 << 22
 
 class OWLError(ValueError):
     """OWL's settings cannot give valid layer sparsities; the message names the bound."""
+
+
+class InputSqnorms:
+    """
+    OWL's input statistics: per layer name, the sum of x_j² over the tokens seen (float64)
+    and their count. ``add`` takes a layer's input (any leading dimensions);
+    ``mean(name)`` is ``sqnorm``, the mean of x_j² over the tokens.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        sums = x.to(torch.float32).square().sum(0).to(torch.float64)
+        if name in self.sums:
+            self.sums[name] += sums
+            self.tokens[name] += x.shape[0]
+        else:
+            self.sums[name], self.tokens[name] = sums, x.shape[0]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sums
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sums[name] / max(self.tokens[name], 1)
+
+    def all_reduce(self, names: Sequence[str]) -> None:
+        """Sums over the ranks of torch.distributed (every rank must pass the same names in the same order)."""
+        for name in names:
+            sums = self.sums[name]
+            count = torch.tensor([float(self.tokens[name])], dtype=torch.float64, device=sums.device)
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(count)
+            self.tokens[name] = int(count.item())
+
+    def clear(self) -> None:
+        self.sums.clear()
+        self.tokens.clear()
 
 
 def _score_chunks(weights: Sequence[torch.Tensor], sqnorms: Sequence[torch.Tensor]):
