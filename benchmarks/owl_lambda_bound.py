@@ -3,8 +3,8 @@ The largest λ OWL can take on the embedded SmolLM2, per M and target sparsity
 (issue 16): how much room the defaults leave before a layer's sparsity leaves (0, 1).
 
 One dense forward pass over the bench's calibration windows (the same texts, count,
-length and seed as ``dsnot bench``) collects each Linear's input mean squares (``owl.InputSqnorms``, as OWLModifier); the
-outlier ratios D_l of the decoder layers and ``max_lambda`` follow from
+length and seed as ``dsnot bench``) collects each Linear's input mean squares
+(``owl.InputSqnorms``, as OWLModifier does); the outlier ratios D_l of the decoder layers and ``max_lambda`` follow from
 :mod:`dsnot_modifier.owl`, the functions OWLModifier uses. Prints a table and writes
 JSON (``--out``). CPU, a few minutes.
 
