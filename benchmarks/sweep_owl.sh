@@ -4,8 +4,9 @@
 # Pride and Prejudice (the README's test text). The method swept is the product,
 # OWL + Wanda + DSnoT (defaults), at 70%: first λ at the paper's M = 5, then M at the
 # best λ found, then λ again at the best M (0.2 too if 0.16 wins), then M again at the best
-# λ, then one step past the best M and λ. Every configuration is one `dsnot bench` row (--tag) in
-# runs/sweep_owl.json; rerun to resume. Extra arguments go to every `dsnot bench` call.
+# λ, then steps past the best M and λ up to λ's bound, then M again; last, λ for SparseGPT
+# as the pruner, alone and with DSnoT. Every configuration is one `dsnot bench` row (--tag)
+# in runs/sweep_owl.json; rerun to resume. Extra arguments go to every `dsnot bench` call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dsnot=${DSNOT:-${DSNOT_VENV:-.venv}/bin/dsnot}
@@ -70,4 +71,25 @@ if [ "$m" = 20 ] && [ "$lam" = 0.2 ]; then
   if [ "$(best "M20 l" "")" = 0.25 ]; then
     "$dsnot" bench --methods owl-wanda+dsnot --owl-m 20 --owl-lambda 0.3 --tag "M20 l0.3" "${common[@]}"
   fi
+  # λ = 0.3 did better again: 0.35 above it, the last step there is. At M = 20 a layer's
+  # sparsity leaves (0, 1) above λ = 0.383 at 70% overall and 0.328 at 60%
+  # (benchmarks/results/owl_lambda_bound_2026-12-02.json): λ = 0.4 cannot run at 70%, and a
+  # default λ must stay below 0.328 to serve 0.6 to 0.8.
+  if [ "$(best "M20 l" "")" = 0.3 ]; then
+    "$dsnot" bench --methods owl-wanda+dsnot --owl-m 20 --owl-lambda 0.35 --tag "M20 l0.35" "${common[@]}"
+  fi
+  lam=$(best "M20 l" "")
+  echo "best λ at M=20: $lam"
+  # then M once more at that λ, on either side of 20
+  for m2 in 15 30; do
+    "$dsnot" bench --methods owl-wanda+dsnot --owl-m "$m2" --owl-lambda "$lam" --tag "M$m2 l$lam" "${common[@]}"
+  done
 fi
+# SparseGPT as the pruner (the test matrix found OWL worse than uniform for SparseGPT at 70%
+# with the Wanda-chosen λ): uniform against OWL at M = 20 and three λ, the pruner alone and
+# with DSnoT. The best λ of SparseGPT + DSnoT, the product, is OWLModifier's default for
+# SparseGPT (DEFAULT_LMBDA; best() above reads the Wanda rows only).
+"$dsnot" bench --methods sparsegpt,sparsegpt+dsnot --tag "uniform" "${common[@]}"
+for l in 0.1 0.2 0.3; do
+  "$dsnot" bench --methods owl-sparsegpt,owl-sparsegpt+dsnot --owl-m 20 --owl-lambda "$l" --tag "M20 l$l" "${common[@]}"
+done

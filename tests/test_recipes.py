@@ -31,8 +31,13 @@ def test_recipe_runs_and_keeps_its_structure(path, tiny_model_dir, calib_windows
     if "OWLModifier" in modifiers and modifiers["OWLModifier"].get("m", 0) > 3:
         # the tiny random model has (nearly) no scores above 10x or 20x its layers' mean, so at
         # the shipped M every layer would get the same sparsity: run the recipe as shipped
-        # but with M = 3, where its layers' outlier shares differ
-        modifiers["OWLModifier"]["m"] = 3
+        # but with M = 3, where its layers' outlier shares differ. Its two decoder layers go
+        # to S - λ and S + λ, so a λ of 1 - S or more (0.3 at 70%, valid for SmolLM2's 30
+        # layers) would put one at 100% and be refused: λ 0.2 then
+        owl = modifiers["OWLModifier"]
+        owl["m"] = 3
+        if owl.get("lmbda", 0) >= round(1 - first["sparsity"], 9):
+            owl["lmbda"] = 0.2
         path = tmp_path / os.path.basename(path)
         path.write_text(yaml.safe_dump(spec, sort_keys=False))  # order matters
     model = run(tiny_model_dir, calib_windows, str(path))

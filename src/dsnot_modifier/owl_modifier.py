@@ -19,6 +19,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import (
     PRUNABLE_LAYER_TYPES,
     SparsityModifierBase,
 )
+from llmcompressor.modifiers.pruning.sparsegpt.base import SparseGPTModifier
 from llmcompressor.modifiers.pruning.wanda.base import WandaPruningModifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.pytorch.utils.helpers import tensors_to_device
@@ -29,7 +30,13 @@ from dsnot_modifier.masks import parse_mask_structure
 from dsnot_modifier.modifier import DSnoTModifier
 from dsnot_modifier.owl import InputSqnorms, OWLError, outlier_ratio, owl_offsets, owl_sparsities, per_row_sparsities
 
-__all__ = ["OWLModifier", "OWLError"]
+__all__ = ["DEFAULT_LMBDA", "OWLModifier", "OWLError"]
+
+#: OWL's λ when the recipe gives none, by what makes the masks: SparseGPTModifier, or Wanda
+#: (WandaPruningModifier, and DSnoTModifier's own initial masks: ``initial: magnitude`` was not
+#: swept). Each is the validation sweep's best for that pruner followed by DSnoT
+#: (SmolLM2-135M, *Persuasion*, 70%, M = 20; BENCHMARKS.md).
+DEFAULT_LMBDA = {"wanda": 0.3, "sparsegpt": 0.1}
 
 _WHERE = (
     "put OWLModifier before a WandaPruningModifier or SparseGPTModifier (with a single "
@@ -72,7 +79,7 @@ class OWLModifier(Modifier):
       sparsity_modifiers:
         OWLModifier:
           m: 20
-          lmbda: 0.2
+          lmbda: 0.3
         WandaPruningModifier:
           sparsity: 0.7
           mask_structure: "0:0"
@@ -99,23 +106,26 @@ class OWLModifier(Modifier):
         validation sweep (SmolLM2-135M, *Persuasion*, 70%, Wanda + DSnoT, uniform
         190.60 to 191.76; BENCHMARKS.md) M = 5 never beats uniform sparsity; at
         λ = 0.08, 10 is the best of 3, 5, 10, 15 and 20, and at λ = 0.2, 20 is the best
-        of 5, 10, 15 and 20 (212.44, 166.82, 167.02, 164.02): a wider λ favours a higher M
+        of 5, 10, 15 and 20 (212.44, 166.82, 167.02, 164.02): a wider λ favours a higher M;
+        at λ = 0.35, 20 is the best of 15, 20 and 30 (153.17, 148.07, 179.36)
     :param lmbda: OWL's λ: layer sparsities spread over S ± lmbda (0.08 in OWL's
         paper); 0 <= lmbda < 0.5, and small enough that every layer's sparsity stays
         in (0, 1): below min(S, 1 − S)/2 always is (a larger one is refused with the
-        largest valid value). At M = 10 the sweep went 0.04, 0.08, 0.12, 0.16, 0.2:
-        179.15, 174.14, 171.75, 169.61, 166.82. M = 20, λ = 0.2 (the defaults) was then
-        run over the whole test matrix, where it beat M = 10, λ = 0.16 in most cells.
-        Past it, λ = 0.3 at M = 20 did better still on the validation text (149.74),
-        not yet run over the test matrix (BENCHMARKS.md).
-        At 80% a model whose outlier ratios mostly sit high (a few layers far below
-        the rest) may need a smaller λ: below 0.1 is always valid there
+        largest valid value). Unset (the default), it depends on the pruner
+        (``DEFAULT_LMBDA``): 0.3 where Wanda makes the masks, 0.1 where SparseGPT does.
+        In the sweep, Wanda + DSnoT at M = 20 went λ = 0.2, 0.25, 0.3, 0.35: 164.02,
+        162.71, 149.74, 148.07 (0.35 is past the bound at 60% on SmolLM2, 0.328; 0.3
+        keeps nearly all the gain), and SparseGPT + DSnoT went λ = 0 (uniform), 0.1, 0.2,
+        0.3: 135.23, 126.15, 132.32, 131.74. A recipe's ``lmbda`` applies to every
+        pruner after OWLModifier. At 80% a model whose outlier ratios mostly sit high
+        (a few layers far below the rest) may need a smaller λ: below 0.1 is always
+        valid there
     """
 
     requires_calibration_data: bool = True
 
     m: float = 20.0
-    lmbda: float = 0.2
+    lmbda: float | None = None
 
     _pruners: list[Modifier] = PrivateAttr(default_factory=list)
     _written: list[tuple[Modifier, object]] = PrivateAttr(default_factory=list)
@@ -134,7 +144,7 @@ class OWLModifier(Modifier):
     @field_validator("lmbda")
     @classmethod
     def _lmbda_range(cls, value):
-        if not 0 <= value < 0.5:
+        if value is not None and not 0 <= value < 0.5:
             raise ValueError(
                 "OWLModifier lmbda (OWL's λ) must satisfy 0 <= lmbda < 0.5 (the layer "
                 f"sparsities span 2·lmbda, which must stay below 1), e.g. 0.08; got {value}"
@@ -152,6 +162,12 @@ class OWLModifier(Modifier):
     def layer_sparsities(self) -> dict[str, dict[str, float]]:
         """For each pruner (its class name, then ``#2``... for later ones): decoder layer -> sparsity."""
         return {k: dict(v) for k, v in self._layer_sparsities.items()}
+
+    def lambda_for(self, pruner: Modifier) -> float:
+        """The λ OWL spreads ``pruner``'s sparsity with: ``lmbda``, or its default for that pruner."""
+        if self.lmbda is not None:
+            return self.lmbda
+        return DEFAULT_LMBDA["sparsegpt" if isinstance(pruner, SparseGPTModifier) else "wanda"]
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -308,16 +324,21 @@ class OWLModifier(Modifier):
         """The sparsity of each of the pruner's units (its list, in the order of its targets)."""
         name = type(pruner).__name__
         target = float(pruner.sparsity)
+        lmbda = self.lambda_for(pruner)
         layers = list(self._ratios)
         sizes = {layer: 0 for layer in layers}
         for _, layer, inner in plan:
             if layer in sizes:
                 sizes[layer] += sum(_rows(modules[n]) * _cols(modules[n]) for n in inner)
         pruned = [layer for layer in layers if sizes[layer] > 0]
-        sparsity = dict(zip(pruned, owl_sparsities(
-            [self._ratios[layer] for layer in pruned], target, self.lmbda,
-            sizes=[sizes[layer] for layer in pruned], names=[f"{layer} ({name})" for layer in pruned],
-        )))
+        try:
+            sparsity = dict(zip(pruned, owl_sparsities(
+                [self._ratios[layer] for layer in pruned], target, lmbda,
+                sizes=[sizes[layer] for layer in pruned], names=[f"{layer} ({name})" for layer in pruned],
+            )))
+        except OWLError as error:
+            default = "" if self.lmbda is not None else f" (unset, lmbda is {lmbda}, the default for {name})"
+            raise OWLError(f"{error}. Set OWLModifier's lmbda below that bound{default}") from None
         ideal = [sparsity.get(layer, target) for _, layer, _ in plan]
         values = ideal
         if _per_row(pruner):
@@ -329,7 +350,7 @@ class OWLModifier(Modifier):
                 values[i] = value
         self._layer_sparsities[key] = sparsity
         spread = f"{min(sparsity.values()):.4f}..{max(sparsity.values()):.4f}" if sparsity else "uniform"
-        logger.info(f"OWL (M={self.m}, lambda={self.lmbda}): {name} at {target} spread over "
+        logger.info(f"OWL (M={self.m}, lambda={lmbda}): {name} at {target} spread over "
                     f"{len(sparsity)} decoder layers, {spread}")
         for layer, value in sparsity.items():
             logger.debug(f"OWL {layer}: outlier ratio {self._ratios[layer]:.5f}, sparsity {value:.4f}")

@@ -133,7 +133,7 @@ def run_row(spec: dict) -> dict:
     dsnot = _dsnot_params(spec) if "dsnot" in method else {}
     owl = {k: v for k, v in (spec.get("owl") or {}).items() if v is not None} if method.startswith("owl-") else {}
     oneshot_s = dsnot_s = 0.0
-    report = None
+    report = recipe = None
     if method == "dense":
         model = load_model(path)
     elif method == "magnitude":
@@ -142,8 +142,8 @@ def run_row(spec: dict) -> dict:
         magnitude_prune(model, sparsity)
         oneshot_s = time.perf_counter() - start
     else:
-        result = run_oneshot(path, make_recipe(method, sparsity, owl=owl, **dsnot), calib,
-                             verbose=spec.get("verbose", False))
+        recipe = make_recipe(method, sparsity, owl=owl, **dsnot)
+        result = run_oneshot(path, recipe, calib, verbose=spec.get("verbose", False))
         model, oneshot_s, dsnot_s, report = result.model, result.seconds, result.dsnot_seconds, result.report
     ppl = {name: perplexity(model, w, desc=f"{method} {sparsity} {name}") for name, w in evals.items()}
     recon = 0.0
@@ -160,8 +160,8 @@ def run_row(spec: dict) -> dict:
     }
     if dsnot:
         params["dsnot"] = dsnot
-    if owl:
-        params["owl"] = owl
+    if method.startswith("owl-"):  # the values OWL ran with, the defaults too
+        params["owl"] = {"m": recipe[0].m, "lmbda": recipe[0].lambda_for(recipe[1])}
     if report is not None:
         params["dsnot_summary"] = report.summary()
     if spec.get("tag"):
