@@ -5,8 +5,9 @@
 # OWL + Wanda + DSnoT (defaults), at 70%: first λ at the paper's M = 5, then M at the
 # best λ found, then λ again at the best M (0.2 too if 0.16 wins), then M again at the best
 # λ, then steps past the best M and λ up to λ's bound, then M again; last, λ for SparseGPT
-# as the pruner, alone and with DSnoT. Every configuration is one `dsnot bench` row (--tag)
-# in runs/sweep_owl.json; rerun to resume. Extra arguments go to every `dsnot bench` call.
+# as the pruner, alone and with DSnoT; then both pruners' λ again at 80%, with DSnoT after
+# each. Every configuration is one `dsnot bench` row (--tag) in runs/sweep_owl.json; rerun
+# to resume. Extra arguments go to every `dsnot bench` call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dsnot=${DSNOT:-${DSNOT_VENV:-.venv}/bin/dsnot}
@@ -14,9 +15,10 @@ python=${PYTHON:-${DSNOT_VENV:-.venv}/bin/python}
 out=${SWEEP_JSON:-runs/sweep_owl.json}
 sparsity=${SPARSITY:-0.7}
 mkdir -p "$(dirname "$out")"
-common=(--calib-text emma --calib-text mansfieldpark --calib-text northangerabbey
-        --calib-text sensesensibility --eval-text persuasion --calib-samples "${CALIB_SAMPLES:-32}"
-        --sparsities "$sparsity" --json "$out" --resume "$@")
+setup=(--calib-text emma --calib-text mansfieldpark --calib-text northangerabbey
+       --calib-text sensesensibility --eval-text persuasion --calib-samples "${CALIB_SAMPLES:-32}"
+       --json "$out" --resume)
+common=(--sparsities "$sparsity" "${setup[@]}" "$@")
 "$dsnot" bench --methods wanda+dsnot --tag "uniform" "${common[@]}"
 for lam in 0.04 0.08 0.16; do
   "$dsnot" bench --methods owl-wanda+dsnot --owl-m 5 --owl-lambda "$lam" --tag "M5 l$lam" "${common[@]}"
@@ -87,9 +89,20 @@ if [ "$m" = 20 ] && [ "$lam" = 0.2 ]; then
 fi
 # SparseGPT as the pruner (the test matrix found OWL worse than uniform for SparseGPT at 70%
 # with the Wanda-chosen λ): uniform against OWL at M = 20 and three λ, the pruner alone and
-# with DSnoT. The best λ of SparseGPT + DSnoT, the product, is OWLModifier's default for
-# SparseGPT (DEFAULT_LMBDA; best() above reads the Wanda rows only).
+# with DSnoT (best() above reads the Wanda rows only).
 "$dsnot" bench --methods sparsegpt,sparsegpt+dsnot --tag "uniform" "${common[@]}"
 for l in 0.1 0.2 0.3; do
   "$dsnot" bench --methods owl-sparsegpt,owl-sparsegpt+dsnot --owl-m 20 --owl-lambda "$l" --tag "M20 l$l" "${common[@]}"
+done
+# Last, λ at 80% too, where the test matrix found λ's effect changes: uniform against OWL at
+# M = 20 and the λ values the 70% sweep ended on, with DSnoT after each pruner (the product).
+# OWLModifier's λ is the one with the lowest geometric mean, over 70% and 80%, of the
+# product's perplexity over uniform's, for both pruners: 0.3.
+at80=(--sparsities 0.8 "${setup[@]}" "$@")
+"$dsnot" bench --methods wanda+dsnot,sparsegpt+dsnot --tag "uniform" "${at80[@]}"
+for l in 0.2 0.3; do
+  "$dsnot" bench --methods owl-wanda+dsnot --owl-m 20 --owl-lambda "$l" --tag "M20 l$l" "${at80[@]}"
+done
+for l in 0.1 0.2 0.3; do
+  "$dsnot" bench --methods owl-sparsegpt+dsnot --owl-m 20 --owl-lambda "$l" --tag "M20 l$l" "${at80[@]}"
 done

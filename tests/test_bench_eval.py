@@ -95,13 +95,13 @@ def test_run_row_standalone_exact_sparsity(tiny_model_dir, texts):
 
 
 def test_owl_row_records_the_lambda_it_ran_with(tiny_model_dir, texts):
-    """λ unset: the row says which default OWL took (SparseGPT's, 0.1), not nothing."""
+    """λ unset: the row says which value OWL took (its default, 0.3), not nothing."""
     calib, held_out = texts
     spec = dict(model=tiny_model_dir, method="owl-sparsegpt", sparsity="0.6", calib_texts=[calib],
                 calib_samples=4, seq_len=32, eval_texts=[held_out], eval_windows=2, recon_windows=2, threads=1,
                 owl={"m": 3})
     row = bench.run_row(spec)
-    assert row["params"]["owl"] == {"m": 3.0, "lmbda": 0.1}
+    assert row["params"]["owl"] == {"m": 3.0, "lmbda": 0.3}
     assert row["params"]["layer_sparsity"] == pytest.approx(0.6, abs=1e-3)
 
 

@@ -8,7 +8,6 @@ from pydantic import ValidationError
 import reference_owl as ref
 from conftest import load_script
 from dsnot_modifier import DSnoTModifier, OWLError, OWLModifier
-from dsnot_modifier.owl_modifier import DEFAULT_LMBDA
 from dsnot_modifier import owl
 from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer, make_recipe
 from llmcompressor import oneshot
@@ -136,8 +135,7 @@ def test_bad_settings(kwargs, match):
      r"lambda must be below 0.15 for this model"),
     (lambda: [OWLModifier(), WandaPruningModifier(sparsity=0.5, targets=["re:model$"])], "holds 2 decoder layers"),
     (lambda: [OWLModifier(m=2), WandaPruningModifier(sparsity=0.8, **COMMON)],
-     r"below 0.2 for this model.*Set OWLModifier's lmbda below that bound \(unset, lmbda is 0.3, the default "
-     r"for WandaPruningModifier\)"),
+     r"below 0.2 for this model.*Set OWLModifier's lmbda below that bound \(unset, lmbda is its default, 0.3\)"),
 ])
 def test_bad_recipes_fail_before_pruning(tiny_model_dir, calib_windows, recipe, match):
     model = run_expecting(tiny_model_dir, calib_windows, recipe(), OWLError, match)
@@ -241,17 +239,15 @@ def test_owl_stage_before_the_pruning_stage_is_the_same(tiny_model_dir, calib_wi
 
 @pytest.mark.parametrize("pruner", [WandaPruningModifier, SparseGPTModifier,
                                     lambda **kw: DSnoTModifier(initial="wanda", **kw)])
-def test_unset_lambda_is_the_pruners_default(tiny_model_dir, calib_windows, expected, pruner):
-    """Two decoder layers: OWL puts the one with fewer outliers at S + λ, the other at S − λ."""
+def test_default_lambda_for_every_pruner(tiny_model_dir, calib_windows, expected, pruner):
+    """Two decoder layers: OWL puts the one with fewer outliers at S + 0.3, the other at S − 0.3."""
     ratios, _ = expected
     owl_mod = OWLModifier(m=3)
-    prune = pruner(sparsity=0.6, mask_structure="0:0", **COMMON)
-    run(tiny_model_dir, calib_windows, [owl_mod, prune])
-    lmbda = DEFAULT_LMBDA["sparsegpt" if isinstance(prune, SparseGPTModifier) else "wanda"]
-    assert lmbda == (0.1 if isinstance(prune, SparseGPTModifier) else 0.3)
+    assert owl_mod.lmbda == 0.3
+    run(tiny_model_dir, calib_windows, [owl_mod, pruner(sparsity=0.6, mask_structure="0:0", **COMMON)])
     low, high = sorted(ratios, key=ratios.get)
     (computed,) = owl_mod.layer_sparsities.values()
-    assert computed == pytest.approx({low: 0.6 + lmbda, high: 0.6 - lmbda}, abs=1e-9)
+    assert computed == pytest.approx({low: 0.9, high: 0.3}, abs=1e-9)
 
 
 def test_decoder_layer_targets_and_independent_pipeline(tiny_model_dir, calib_windows, expected):
@@ -272,12 +268,10 @@ def test_bench_methods_build_owl_recipes():
             assert recipe[1].sparsity_profile is None
             if extra:
                 assert recipe[2].max_cycles == 3 and recipe[2].initial is None
-    # unset, OWL's λ is the pruner's own default (the validation sweep's best for each)
-    for method, lmbda in [("owl-wanda", 0.3), ("owl-sparsegpt+dsnot", 0.1)]:
+    for method in ("owl-wanda", "owl-sparsegpt+dsnot"):  # unset: OWLModifier's defaults
         recipe = make_recipe(method, "0.6")
-        assert (recipe[0].m, recipe[0].lmbda, recipe[0].lambda_for(recipe[1])) == (20.0, None, lmbda)
-    recipe = make_recipe("owl-sparsegpt", "0.6", owl={"lmbda": 0.25})
-    assert recipe[0].lambda_for(recipe[1]) == 0.25
+        assert (recipe[0].m, recipe[0].lmbda) == (20.0, 0.3)
+    assert make_recipe("owl-sparsegpt", "0.6", owl={"lmbda": 0.25})[0].lmbda == 0.25
     with pytest.raises(ValueError, match="unstructured"):
         make_recipe("owl-wanda", "2:4")
 

@@ -19,7 +19,6 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import (
     PRUNABLE_LAYER_TYPES,
     SparsityModifierBase,
 )
-from llmcompressor.modifiers.pruning.sparsegpt.base import SparseGPTModifier
 from llmcompressor.modifiers.pruning.wanda.base import WandaPruningModifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from llmcompressor.pytorch.utils.helpers import tensors_to_device
@@ -30,13 +29,7 @@ from dsnot_modifier.masks import parse_mask_structure
 from dsnot_modifier.modifier import DSnoTModifier
 from dsnot_modifier.owl import InputSqnorms, OWLError, outlier_ratio, owl_offsets, owl_sparsities, per_row_sparsities
 
-__all__ = ["DEFAULT_LMBDA", "OWLModifier", "OWLError"]
-
-#: OWL's λ when the recipe gives none, by what makes the masks: SparseGPTModifier, or Wanda
-#: (WandaPruningModifier, and DSnoTModifier's own initial masks: ``initial: magnitude`` was not
-#: swept). Each is the validation sweep's best for that pruner followed by DSnoT
-#: (SmolLM2-135M, *Persuasion*, 70%, M = 20; BENCHMARKS.md).
-DEFAULT_LMBDA = {"wanda": 0.3, "sparsegpt": 0.1}
+__all__ = ["OWLModifier", "OWLError"]
 
 _WHERE = (
     "put OWLModifier before a WandaPruningModifier or SparseGPTModifier (with a single "
@@ -111,21 +104,22 @@ class OWLModifier(Modifier):
     :param lmbda: OWL's λ: layer sparsities spread over S ± lmbda (0.08 in OWL's
         paper); 0 <= lmbda < 0.5, and small enough that every layer's sparsity stays
         in (0, 1): below min(S, 1 − S)/2 always is (a larger one is refused with the
-        largest valid value). Unset (the default), it depends on the pruner
-        (``DEFAULT_LMBDA``): 0.3 where Wanda makes the masks, 0.1 where SparseGPT does.
-        In the sweep, Wanda + DSnoT at M = 20 went λ = 0.2, 0.25, 0.3, 0.35: 164.02,
-        162.71, 149.74, 148.07 (0.35 is past the bound at 60% on SmolLM2, 0.328; 0.3
-        keeps nearly all the gain), and SparseGPT + DSnoT went λ = 0 (uniform), 0.1, 0.2,
-        0.3: 135.23, 126.15, 132.32, 131.74. A recipe's ``lmbda`` applies to every
-        pruner after OWLModifier. At 80% a model whose outlier ratios mostly sit high
-        (a few layers far below the rest) may need a smaller λ: below 0.1 is always
-        valid there
+        largest valid value). The default, 0.3, is the validation sweep's best for both
+        pruners followed by DSnoT over 70% and 80% (the lowest geometric mean of the two
+        ratios to uniform sparsity). At M = 20, Wanda + DSnoT went λ = 0.2, 0.25, 0.3, 0.35:
+        164.02, 162.71, 149.74, 148.07 at 70% (0.35 is past the bound at 60% on SmolLM2,
+        0.328; 0.3 keeps nearly all the gain), 678.68 (0.2) and 674.46 (0.3) at 80%;
+        SparseGPT + DSnoT went λ = 0 (uniform), 0.1, 0.2, 0.3: 135.23, 126.15, 132.32,
+        131.74 at 70% and 288.12, 286.65, 289.03, 258.27 at 80%. It applies to every
+        pruner after OWLModifier. At 80% a model whose outlier ratios mostly sit high (a
+        few layers far below the rest) may need a smaller λ: below 0.1 is always valid
+        there
     """
 
     requires_calibration_data: bool = True
 
     m: float = 20.0
-    lmbda: float | None = None
+    lmbda: float = 0.3
 
     _pruners: list[Modifier] = PrivateAttr(default_factory=list)
     _written: list[tuple[Modifier, object]] = PrivateAttr(default_factory=list)
@@ -144,7 +138,7 @@ class OWLModifier(Modifier):
     @field_validator("lmbda")
     @classmethod
     def _lmbda_range(cls, value):
-        if value is not None and not 0 <= value < 0.5:
+        if not 0 <= value < 0.5:
             raise ValueError(
                 "OWLModifier lmbda (OWL's λ) must satisfy 0 <= lmbda < 0.5 (the layer "
                 f"sparsities span 2·lmbda, which must stay below 1), e.g. 0.08; got {value}"
@@ -162,12 +156,6 @@ class OWLModifier(Modifier):
     def layer_sparsities(self) -> dict[str, dict[str, float]]:
         """For each pruner (its class name, then ``#2``... for later ones): decoder layer -> sparsity."""
         return {k: dict(v) for k, v in self._layer_sparsities.items()}
-
-    def lambda_for(self, pruner: Modifier) -> float:
-        """The λ OWL spreads ``pruner``'s sparsity with: ``lmbda``, or its default for that pruner."""
-        if self.lmbda is not None:
-            return self.lmbda
-        return DEFAULT_LMBDA["sparsegpt" if isinstance(pruner, SparseGPTModifier) else "wanda"]
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -324,7 +312,7 @@ class OWLModifier(Modifier):
         """The sparsity of each of the pruner's units (its list, in the order of its targets)."""
         name = type(pruner).__name__
         target = float(pruner.sparsity)
-        lmbda = self.lambda_for(pruner)
+        lmbda = self.lmbda
         layers = list(self._ratios)
         sizes = {layer: 0 for layer in layers}
         for _, layer, inner in plan:
@@ -337,7 +325,7 @@ class OWLModifier(Modifier):
                 sizes=[sizes[layer] for layer in pruned], names=[f"{layer} ({name})" for layer in pruned],
             )))
         except OWLError as error:
-            default = "" if self.lmbda is not None else f" (unset, lmbda is {lmbda}, the default for {name})"
+            default = "" if "lmbda" in self.model_fields_set else f" (unset, lmbda is its default, {lmbda})"
             raise OWLError(f"{error}. Set OWLModifier's lmbda below that bound{default}") from None
         ideal = [sparsity.get(layer, target) for _, layer, _ in plan]
         values = ideal

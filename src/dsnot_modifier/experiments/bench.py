@@ -161,7 +161,7 @@ def run_row(spec: dict) -> dict:
     if dsnot:
         params["dsnot"] = dsnot
     if method.startswith("owl-"):  # the values OWL ran with, the defaults too
-        params["owl"] = {"m": recipe[0].m, "lmbda": recipe[0].lambda_for(recipe[1])}
+        params["owl"] = {"m": recipe[0].m, "lmbda": recipe[0].lmbda}
     if report is not None:
         params["dsnot_summary"] = report.summary()
     if spec.get("tag"):
@@ -416,8 +416,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     o = p.add_argument_group("OWL parameters of the owl-* methods (default: OWLModifier's)")
     o.add_argument("--owl-m", type=float, default=None, help="OWL's M: outliers are scores above M x the layer mean")
     o.add_argument("--owl-lambda", type=float, default=None,
-                   help="OWL's lambda: layer sparsities within S +- lambda (default: by the pruner, "
-                        "0.3 Wanda, 0.1 SparseGPT)")
+                   help="OWL's lambda: layer sparsities within S +- lambda")
     return p
 
 
