@@ -312,7 +312,6 @@ class OWLModifier(Modifier):
         """The sparsity of each of the pruner's units (its list, in the order of its targets)."""
         name = type(pruner).__name__
         target = float(pruner.sparsity)
-        lmbda = self.lmbda
         layers = list(self._ratios)
         sizes = {layer: 0 for layer in layers}
         for _, layer, inner in plan:
@@ -321,11 +320,11 @@ class OWLModifier(Modifier):
         pruned = [layer for layer in layers if sizes[layer] > 0]
         try:
             sparsity = dict(zip(pruned, owl_sparsities(
-                [self._ratios[layer] for layer in pruned], target, lmbda,
+                [self._ratios[layer] for layer in pruned], target, self.lmbda,
                 sizes=[sizes[layer] for layer in pruned], names=[f"{layer} ({name})" for layer in pruned],
             )))
         except OWLError as error:
-            default = "" if "lmbda" in self.model_fields_set else f" (unset, lmbda is its default, {lmbda})"
+            default = "" if "lmbda" in self.model_fields_set else f" (unset, lmbda is its default, {self.lmbda})"
             raise OWLError(f"{error}. Set OWLModifier's lmbda below that bound{default}") from None
         ideal = [sparsity.get(layer, target) for _, layer, _ in plan]
         values = ideal
@@ -338,7 +337,7 @@ class OWLModifier(Modifier):
                 values[i] = value
         self._layer_sparsities[key] = sparsity
         spread = f"{min(sparsity.values()):.4f}..{max(sparsity.values()):.4f}" if sparsity else "uniform"
-        logger.info(f"OWL (M={self.m}, lambda={lmbda}): {name} at {target} spread over "
+        logger.info(f"OWL (M={self.m}, lambda={self.lmbda}): {name} at {target} spread over "
                     f"{len(sparsity)} decoder layers, {spread}")
         for layer, value in sparsity.items():
             logger.debug(f"OWL {layer}: outlier ratio {self._ratios[layer]:.5f}, sparsity {value:.4f}")

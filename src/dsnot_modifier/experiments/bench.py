@@ -415,8 +415,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="layers DSnoT refines, comma-separated (e.g. 're:.*self_attn.*' for attention only)")
     o = p.add_argument_group("OWL parameters of the owl-* methods (default: OWLModifier's)")
     o.add_argument("--owl-m", type=float, default=None, help="OWL's M: outliers are scores above M x the layer mean")
-    o.add_argument("--owl-lambda", type=float, default=None,
-                   help="OWL's lambda: layer sparsities within S +- lambda")
+    o.add_argument("--owl-lambda", type=float, default=None, help="OWL's lambda: layer sparsities within S +- lambda")
     return p
 
 
