@@ -49,7 +49,7 @@ def measure(experts: int, hidden: int, inter: int, heads: int = 8, samples: int 
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from dsnot_modifier import DSnoTModifier
-    from dsnot_modifier.experiments.pipeline import calibration_dataset
+    from dsnot_harness.pipeline import calibration_dataset
 
     torch.manual_seed(0)
     head_dim = hidden // heads

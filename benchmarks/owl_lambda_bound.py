@@ -27,7 +27,7 @@ DEFAULT_CALIB_SAMPLES, DEFAULT_SEQ_LEN = 64, 512
 
 def input_sqnorms(model, windows: torch.Tensor, batch_size: int = 4) -> dict[str, torch.Tensor]:
     """Mean of x_j² over every token, for each Linear of the decoder (lm_head left out)."""
-    from dsnot_modifier.experiments.pipeline import linear_layers
+    from dsnot_harness.pipeline import linear_layers
 
     sqnorms = InputSqnorms()
 
@@ -47,7 +47,7 @@ def input_sqnorms(model, windows: torch.Tensor, batch_size: int = 4) -> dict[str
 
 def decoder_layers(model) -> dict[str, list[str]]:
     """The Linear layers (lm_head left out) of each decoder layer, by the decoder layer's name."""
-    from dsnot_modifier.experiments.pipeline import linear_layers
+    from dsnot_harness.pipeline import linear_layers
 
     layers: dict[str, list[str]] = {}
     for name, _ in linear_layers(model):
@@ -65,9 +65,9 @@ def layer_ratios(model, m: float, sqnorms: dict[str, torch.Tensor]) -> dict[str,
 
 
 def main() -> None:
-    from dsnot_modifier.experiments.data import CALIBRATION_TEXTS, calibration_windows
-    from dsnot_modifier.experiments.models import resolve_model
-    from dsnot_modifier.experiments.pipeline import environment, load_model, load_tokenizer
+    from dsnot_harness.data import CALIBRATION_TEXTS, calibration_windows
+    from dsnot_harness.models import resolve_model
+    from dsnot_harness.pipeline import environment, load_model, load_tokenizer
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", type=float, nargs="+", default=[5.0, 10.0, 15.0, 20.0])

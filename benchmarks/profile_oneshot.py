@@ -111,9 +111,9 @@ def main(argv=None):
     parser.add_argument("--json", dest="json_path", default=None)
     args = parser.parse_args(argv)
 
-    from dsnot_modifier.experiments.data import calibration_windows
-    from dsnot_modifier.experiments.models import resolve_model
-    from dsnot_modifier.experiments.pipeline import environment, load_tokenizer, make_recipe, run_oneshot
+    from dsnot_harness.data import calibration_windows
+    from dsnot_harness.models import resolve_model
+    from dsnot_harness.pipeline import environment, load_tokenizer, make_recipe, run_oneshot
 
     torch.set_num_threads(args.threads)
     path = resolve_model(args.model)

@@ -60,6 +60,16 @@ timed step runs there, the device is synchronised before a clock is read, the ex
 memory is torch's peak allocation on the device beyond what was allocated before,
 and the table's title and every JSON row name the device (``device``,
 ``device_name``). Thread counts then default to the one count set.
+
+``--syncs`` adds, per case, one more untimed call of ``refine_mask`` that counts its
+host syncs cycle by cycle (:class:`CycleSyncs`): ``host_syncs_per_cycle``, the most
+operations that make a device wait for the host (tests/host_syncs.py's counter, the
+one the suite's sync budget is tested with) in any one cycle, and on CUDA
+``cuda_syncs_per_cycle``, the most synchronisations the device itself reported
+(``torch.cuda.set_sync_debug_mode``) in any one cycle. ``--update`` times the weight
+update (:func:`dsnot_modifier.update.update_weights`, its defaults) on each layer's
+``gram`` refinement: ``update_s`` and ``update_extra_mem_ratio`` in the ``gram`` rows.
+scripts/gpu-check runs this on CUDA with both.
 """
 
 from __future__ import annotations
@@ -72,11 +82,13 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
-from dsnot_modifier.experiments.pipeline import cpu_description
+from dsnot_harness.pipeline import cpu_description
+from dsnot_modifier import swaps as _swaps
 from dsnot_modifier.swaps import DEFAULT_THRESHOLD, refine_mask
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
@@ -416,6 +428,110 @@ def peak_memory(device: torch.device):
     return PeakMemory() if device.type == "cpu" else DevicePeakMemory(device)
 
 
+# --------------------------------------------------------------------------- host syncs
+
+#: the test suite's folder: its host_syncs.py counts the operations that sync
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+class CycleSyncs:
+    """
+    The host syncs of one ``refine_mask`` call, cycle by cycle, counted two ways:
+
+    - ``ops``: the operations that make a CUDA device wait for the host, seen in torch's
+      dispatch on any device (``SyncCounter`` of tests/host_syncs.py, the counter the
+      suite's sync budget is tested with on CPU);
+    - ``cuda``: on CUDA only, the synchronisations the device reports itself
+      (``torch.cuda.set_sync_debug_mode("warn")``: one warning each); None elsewhere.
+
+    A cycle's syncs are those from the start of one ``propose`` of a state to the start
+    of its next (the choice of the rows that swap, the swaps, the drop of the rows that
+    stopped); a state's last cycle, which ends the loop, is not counted. ``per_cycle``
+    and ``cuda_per_cycle`` are the most of any counted cycle, ``cycles`` how many were
+    counted, ``total`` and ``cuda_total`` the whole call's (set-up and results included).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.marks: list[tuple[int, int, int]] = []  # (state, ops so far, cuda so far)
+        self.total = self.cuda_total = None
+
+    def __enter__(self):
+        if str(TESTS) not in sys.path:
+            sys.path.insert(0, str(TESTS))
+        from host_syncs import SyncCounter
+
+        self._stack = contextlib.ExitStack()
+        self._caught = self._stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("always")
+        if self.device.type == "cuda":
+            mode = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("warn")
+            self._stack.callback(torch.cuda.set_sync_debug_mode, mode)
+        self._counter = self._stack.enter_context(SyncCounter())
+        for cls in (_swaps._MeanObjective, _swaps._GramObjective):
+            self._stack.callback(setattr, cls, "propose", cls.__dict__["propose"])
+            cls.propose = self._marking(cls.__dict__["propose"])
+        return self
+
+    def _cuda_count(self) -> int:
+        return sum("synchroniz" in str(w.message) for w in self._caught)
+
+    def _marking(self, propose):
+        def marked(state):
+            self.marks.append((id(state), self._counter.total, self._cuda_count()))
+            return propose(state)
+        return marked
+
+    def __exit__(self, *exc):
+        self.total, self.cuda_total = self._counter.total, self._cuda_count()
+        self._stack.close()
+        return False
+
+    def _windows(self, k: int) -> list[int]:
+        return [b[k] - a[k] for a, b in zip(self.marks, self.marks[1:]) if a[0] == b[0]]
+
+    @property
+    def cycles(self) -> int:
+        return len(self._windows(1))
+
+    @property
+    def per_cycle(self) -> int | None:
+        return max(self._windows(1), default=None)
+
+    @property
+    def cuda_per_cycle(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        return max(self._windows(2), default=None)
+
+
+def count_syncs(w, current, objective, nm, stats) -> dict:
+    """One more, untimed, call of the case's ``refine_mask`` under :class:`CycleSyncs`."""
+    with CycleSyncs(w.device) as syncs:
+        refine_mask(w, current, objective=objective, nm=nm, max_cycles=MAX_CYCLES, **stats)
+    return {"host_syncs_per_cycle": syncs.per_cycle, "host_syncs_total": syncs.total,
+            "cuda_syncs_per_cycle": syncs.cuda_per_cycle,
+            "cuda_syncs_total": syncs.cuda_total if w.device.type == "cuda" else None,
+            "sync_cycles_counted": syncs.cycles}
+
+
+def update_step(w, refined, gram, device) -> dict:
+    """The weight update (``update_weights``, its defaults) of a refined layer: seconds,
+    extra memory (on an accelerator; × the weight's size), iterations and status."""
+    from dsnot_modifier.update import update_weights
+
+    peak = None if device.type == "cpu" else DevicePeakMemory(device)
+    gc.collect()
+    with peak or contextlib.nullcontext():
+        start = _now(w)
+        result = update_weights(w, refined, gram)
+        seconds = _now(w) - start
+    extra = None if peak is None or peak.extra is None else peak.extra / (w.numel() * w.element_size())
+    return {"update_s": seconds, "update_extra_mem_ratio": extra,
+            "update_iterations": result.iterations, "update_status": result.status}
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -434,7 +550,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed, log=print,
-        device="cpu"):
+        device="cpu", syncs=False, update=False):
     device = torch.device(device)
     name = device_name(device)
     results = []
@@ -474,6 +590,10 @@ def run(shapes, thread_counts, baseline_limit, sparsegpt_max_cols, memory, seed,
                         "swaps": result.swaps, "cycles": result.cycles,
                         "device": str(device), "device_name": name,
                     }
+                    if update and objective == "gram":
+                        row.update(update_step(w, result.weight, layer["gram"], device))
+                    if syncs:
+                        row.update(count_syncs(w, current, objective, nm, stats))
                     results.append(row)
                     log(f"{rows}x{cols} {structure} {objective} threads={threads}: refine "
                         f"{refine_s:.2f}s ({result.swaps} swaps, {result.cycles} cycles), baseline "
@@ -562,6 +682,11 @@ def markdown_table(results) -> str:
         "| extra memory (× weight) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    extra = [(key, title, digits) for key, title, digits in OPTIONAL_COLUMNS
+             if any(key in r for r in results)]
+    if extra:
+        lines[0] += "".join(f" {title} |" for _, title, _ in extra)
+        lines[1] += "---|" * len(extra)
     for r in results:
         pruner, name = _pruner(r)
         base = _fmt(r["baseline_s"], 1) + ("*" if r["baseline_rows"] < r["shape"][0] else "")
@@ -572,8 +697,21 @@ def markdown_table(results) -> str:
             f"| {r['baseline_s'] / r['refine_s']:.1f}× ({r['baseline_cycles_s'] / r['refine_s']:.1f}×) "
             f"| {_fmt(r['wanda_s'])} | {sgpt} | {r['refine_s'] / pruner:.2f} ({name}) "
             f"| {_fmt(r['extra_mem_ratio'])} |"
+            + "".join(f" {_cell(r.get(key), digits)} |" for key, _, digits in extra)
         )
     return "\n".join(lines)
+
+
+#: columns shown when the rows have them (--syncs, --update): key, title, digits
+OPTIONAL_COLUMNS = [("host_syncs_per_cycle", "host syncs / cycle (most)", 0),
+                    ("cuda_syncs_per_cycle", "CUDA syncs / cycle (most)", 0),
+                    ("update_s", "update s", 2), ("update_extra_mem_ratio", "update memory (× weight)", 2)]
+
+
+def _cell(value, digits):
+    if value is None:
+        return "–"
+    return str(value) if isinstance(value, int) else _fmt(float(value), digits)
 
 
 def goals(results) -> list[str]:
@@ -637,6 +775,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cpu",
                         help="where the layers are refined and timed: cpu (default), cuda, "
                              "cuda:1, ...")
+    parser.add_argument("--syncs", action="store_true",
+                        help="count each case's host syncs per cycle (one more untimed call)")
+    parser.add_argument("--update", action="store_true",
+                        help="time the weight update (update_weights) after each gram refinement")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -658,7 +800,8 @@ def main(argv=None) -> list[dict]:
     started = time.perf_counter()
     try:
         results = run(shapes, thread_counts, args.baseline_rows, args.sparsegpt_max_cols,
-                      not args.no_memory, args.seed, log, device)
+                      not args.no_memory, args.seed, log, device, syncs=args.syncs,
+                      update=args.update)
     finally:
         torch.set_num_threads(all_threads)
 

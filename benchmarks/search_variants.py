@@ -37,8 +37,8 @@ def capture(layer_index: int, samples: int, seq_len: int = 512) -> dict:
     """{name: {"w": weight, "h": Gram matrix of its inputs}} for one layer of the dense model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dsnot_modifier.experiments.data import calibration_windows
-    from dsnot_modifier.experiments.models import embedded_checkpoint
+    from dsnot_harness.data import calibration_windows
+    from dsnot_harness.models import embedded_checkpoint
 
     path = embedded_checkpoint()
     tokenizer = AutoTokenizer.from_pretrained(path)

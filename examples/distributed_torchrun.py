@@ -72,9 +72,9 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from dsnot_modifier import DSnoTModifier
-    from dsnot_modifier.experiments.data import calibration_windows
-    from dsnot_modifier.experiments.models import resolve_model
-    from dsnot_modifier.experiments.pipeline import calibration_dataset, layer_sparsity, load_tokenizer
+    from dsnot_harness.data import calibration_windows
+    from dsnot_harness.models import resolve_model
+    from dsnot_harness.pipeline import calibration_dataset, layer_sparsity, load_tokenizer
 
     # rank 0 converts the embedded model once (the others wait for it) and makes the
     # offload directory all ranks share

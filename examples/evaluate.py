@@ -6,7 +6,7 @@ Perplexity of a saved checkpoint on held-out text (same as `dsnot eval`):
 
 import sys
 
-from dsnot_modifier.experiments.cli import main
+from dsnot_modifier.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["eval", *sys.argv[1:]]))

@@ -9,7 +9,7 @@ environment (./scripts/run-main builds it):
 
 import sys
 
-from dsnot_modifier.experiments.cli import main
+from dsnot_modifier.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

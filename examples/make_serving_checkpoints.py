@@ -66,11 +66,11 @@ def linear_sparsity(checkpoint: Path) -> dict:
     Zeros and 2:4 blocks of the decoder's Linear weights, read from the safetensors files
     (float, int8/FP8 and packed int4 weights alike, as ``dsnot verify`` reads them).
     """
-    from dsnot_modifier.checkpoint import _Tensors, read_zero_mask
+    from dsnot_modifier.checkpoint import CheckpointTensors, read_zero_mask
 
-    tensors = _Tensors(checkpoint)
+    tensors = CheckpointTensors(checkpoint)
     quant_config = json.loads((checkpoint / "config.json").read_text()).get("quantization_config")
-    layers = sorted({key.rsplit(".", 1)[0] for key in tensors._where
+    layers = sorted({key.rsplit(".", 1)[0] for key in tensors.keys()
                      if key.endswith((".weight", ".weight_packed")) and "layers." in key and "norm" not in key})
     zeros = total = blocks = blocks_24 = 0
     for layer in layers:
@@ -162,7 +162,7 @@ def quantize(source: Path, kind: str, target: _Target, note: str, activation_dty
     """
     from llmcompressor import oneshot
 
-    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer, quiet_llmcompressor
+    from dsnot_harness.pipeline import load_model, load_tokenizer, quiet_llmcompressor
 
     model = load_model(str(source), dtype=ACTIVATION_DTYPES[activation_dtype])
     tokenizer = load_tokenizer(str(source))
@@ -184,9 +184,9 @@ def make_checkpoints(
     verbose: bool = False,
 ) -> dict:
     """Prune once, save the requested variants into ``out``; returns the manifest."""
-    from dsnot_modifier.experiments.data import calibration_windows
-    from dsnot_modifier.experiments.models import resolve_model
-    from dsnot_modifier.experiments.pipeline import load_tokenizer, make_recipe, run_oneshot
+    from dsnot_harness.data import calibration_windows
+    from dsnot_harness.models import resolve_model
+    from dsnot_harness.pipeline import load_tokenizer, make_recipe, run_oneshot
 
     for dtype in dtypes:
         if dtype not in DTYPES:

@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from dsnot_modifier.checkpoint import CheckpointError, save_checkpoint, verify_checkpoint
-    from dsnot_modifier.experiments.data import EVAL_TEXT, calibration_windows, eval_windows
-    from dsnot_modifier.experiments.evaluate import perplexity
-    from dsnot_modifier.experiments.models import resolve_model
-    from dsnot_modifier.experiments.pipeline import layer_sparsity, load_tokenizer, make_recipe, run_oneshot
+    from dsnot_harness.data import EVAL_TEXT, calibration_windows, eval_windows
+    from dsnot_harness.evaluate import perplexity
+    from dsnot_harness.models import resolve_model
+    from dsnot_harness.pipeline import layer_sparsity, load_tokenizer, make_recipe, run_oneshot
 
     started = time.perf_counter()
     source = resolve_model(args.model)

@@ -10,9 +10,9 @@ import argparse
 import os
 
 import dsnot_modifier  # noqa: F401  (registers DSnoTModifier for the YAML recipe)
-from dsnot_modifier.experiments.data import calibration_windows
-from dsnot_modifier.experiments.models import resolve_model
-from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer
+from dsnot_harness.data import calibration_windows
+from dsnot_harness.models import resolve_model
+from dsnot_harness.pipeline import calibration_dataset, load_model, load_tokenizer
 from llmcompressor import oneshot
 
 

@@ -2,14 +2,29 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-VOCAB = 96
-
 #: markers whose tests run only when `-m` names them (they need a large environment)
 OPT_IN_MARKERS = ("vllm",)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default="cpu",
+        help="where the tests that take the `device` fixture (swaps, stats) run their math: "
+             "cpu (default), cuda, cuda:1, ... (scripts/gpu-check runs them on cuda)")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The ``--device`` the device-aware tests run on (CPU unless told)."""
+    import torch
+
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {device}: CUDA is not available on this machine")
+    return device
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,40 +41,26 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama (2 layers, hidden 64) saved with a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from helpers import save_tiny_llama
 
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    vocab = {f"w{i}": i for i in range(1, VOCAB)} | {"[UNK]": 0}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def calib_windows():
-    g = torch.Generator().manual_seed(1)
-    return torch.randint(1, VOCAB, (8, 32), generator=g)
+    """8 calibration windows of 32 random token ids."""
+    from helpers import random_windows
+
+    return random_windows(8, 32)
 
 
-def load_script(relative_path: str):
-    """Import a script of the repository (benchmarks/...) as a module, for its tests."""
-    import importlib.util
-    from pathlib import Path
+@pytest.fixture(scope="module")
+def dense(tiny_model_dir):
+    """The tiny Llama's target weights as saved (before any pruning), by name."""
+    from helpers import linears
+    from dsnot_harness.pipeline import load_model
 
-    path = Path(__file__).resolve().parent.parent / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return linears(load_model(tiny_model_dir))
 
 
 @pytest.fixture

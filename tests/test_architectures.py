@@ -16,75 +16,13 @@ sequential oneshot. For every model and method:
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from dsnot_modifier import DSnoTModifier
-from dsnot_modifier.masks import mask_digest
-from dsnot_modifier.experiments.pipeline import calibration_dataset
+from dsnot_modifier.digest import mask_digest
 from dsnot_modifier.swaps import gram_error
-from llmcompressor import oneshot
+from helpers import COMMON, DEAD_UNITS, Spy, block_zeros, build, linears, random_windows, run_built
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-
-VOCAB = 96
-HIDDEN = 64
-COMMON = dict(targets=["Linear"], ignore=["re:.*lm_head"])
-DEAD_UNITS = 6  # OPT: MLP units that calibration never activates
-
-
-def _base(**extra):
-    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=128,
-                tie_word_embeddings=False) | extra
-
-
-def build(arch: str) -> torch.nn.Module:
-    import transformers as tf
-
-    torch.manual_seed(0)
-    gqa = dict(num_key_value_heads=2, intermediate_size=128)
-    if arch == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**_base(**gqa)))
-    elif arch == "mistral":
-        model = tf.MistralForCausalLM(tf.MistralConfig(**_base(**gqa, sliding_window=None)))
-    elif arch == "qwen2":
-        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**_base(**gqa)))
-        assert model.model.layers[0].self_attn.q_proj.bias is not None
-    elif arch == "qwen3":
-        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**_base(**gqa, head_dim=16)))
-    elif arch in ("qwen3_moe", "qwen3_moe_routed"):
-        model = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**_base(
-            **gqa, head_dim=16, moe_intermediate_size=32, num_experts=4,
-            num_experts_per_tok=2, norm_topk_prob=True)))
-    elif arch in ("mixtral", "mixtral_routed"):
-        model = tf.MixtralForCausalLM(tf.MixtralConfig(**_base(
-            **gqa, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)))
-    elif arch == "gemma3":
-        model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_base(
-            **gqa, head_dim=16, sliding_window=16, query_pre_attn_scalar=16)))
-    elif arch == "phi3":
-        model = tf.Phi3ForCausalLM(tf.Phi3Config(**_base(**gqa, pad_token_id=0)))
-    elif arch == "opt":
-        model = tf.OPTForCausalLM(tf.OPTConfig(**_base(
-            ffn_dim=128, word_embed_proj_dim=HIDDEN, pad_token_id=1)))
-        with torch.no_grad():  # dead units: ReLU(fc1 x) is 0 on every token
-            for layer in model.model.decoder.layers:
-                layer.fc1.bias[:DEAD_UNITS] = -1e4
-    else:
-        raise ValueError(arch)
-    if "moe" in arch or "mixtral" in arch:
-        from llmcompressor.modeling.moe.linearize import linearize_moe
-
-        linearize_moe(model)
-    return model.eval()
-
-
-def tokenizer():
-    vocab = {f"w{i}": i for i in range(1, VOCAB)} | {"[UNK]": 0}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]")
 
 
 class Capture(Modifier):
@@ -111,24 +49,6 @@ class Capture(Modifier):
         return True
 
 
-class Spy(Modifier):
-    """Between the pruner and DSnoT: each target's weight as the pruner left it."""
-
-    seen: dict = {}
-
-    def on_initialize(self, state, **kwargs):
-        self.seen.clear()
-        self._model = state.model
-        return True
-
-    def on_sequential_epoch_end(self, state, event, modules=(), **kwargs):
-        names = {m: n for n, m in self._model.named_modules()}
-        for module in modules:
-            name = names.get(module)
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name and name not in self.seen:
-                self.seen[name] = module.weight.detach().clone()
-
-
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen3_moe_routed",
          "mixtral", "mixtral_routed", "gemma3", "phi3", "opt"]
 METHODS = ["wanda", "wanda-2:4", "sparsegpt-2:4"]
@@ -140,29 +60,20 @@ def pruner(method):
     return cls(sparsity=0.5, mask_structure=structure, **COMMON), structure
 
 
-def linears(model):
-    return {n: m.weight.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_architecture(arch, method, tmp_path):
     model = build(arch)
-    model.config.save_pretrained(tmp_path / "config")  # oneshot reads the config again
-    model.config.name_or_path = str(tmp_path / "config")
     dense = linears(model)
     routed = arch.endswith("_routed")
     # as few batches as give each layer min_tokens (128) tokens; routed: each expert about half
     samples, length = (8, 64) if routed else (2, 64)
-    windows = torch.randint(1, VOCAB, (samples, length), generator=torch.Generator().manual_seed(1))
+    windows = random_windows(samples, length)
     prune, structure = pruner(method)
     dsnot = DSnoTModifier(**COMMON)
     capture, spy = Capture(), Spy()
-    oneshot(model=model, processor=tokenizer(), dataset=calibration_dataset(windows),
-            recipe=[capture, prune, spy, dsnot], pipeline="sequential",
-            num_calibration_samples=samples, max_seq_length=length,
-            shuffle_calibration_samples=False, moe_calibrate_all_experts=not routed)
+    run_built(model, windows, [capture, prune, spy, dsnot], tmp_path / "config",
+              moe_calibrate_all_experts=not routed)
     out = linears(model)
     report = dsnot.report
     refined = {layer.name: layer for layer in report.layers}
@@ -181,9 +92,8 @@ def test_architecture(arch, method, tmp_path):
         if nm is None:
             assert torch.equal(za.sum(1), zb.sum(1)), name
         else:
-            blocks = lambda z: z.reshape(z.shape[0], -1, 4).sum(-1)  # noqa: E731
-            assert torch.equal(blocks(za), blocks(zb)), name
-            assert bool((blocks(za) >= 2).all()), name
+            assert torch.equal(block_zeros(w, 4), block_zeros(before, 4)), name
+            assert bool((block_zeros(w, 4) >= 2).all()), name
         # kept values are the pruner's, regrown ones the dense weight's
         kept, grown = ~za & ~zb, ~za & zb
         assert torch.equal(w[kept], before[kept]), name
@@ -209,7 +119,7 @@ def test_architecture(arch, method, tmp_path):
         # the dead units' fc2 columns: SparseGPT zeroes them, blocks with 3 or 4 zeros
         fc2 = spy.seen["model.decoder.layers.0.fc2"]
         assert bool((fc2[:, :DEAD_UNITS] == 0).all())
-        assert int((fc2 == 0).reshape(fc2.shape[0], -1, 4).sum(-1).max()) > 2
+        assert int(block_zeros(fc2, 4).max()) > 2
     if routed:
         assert all(s.reason == "few tokens" for s in skipped.values() if s.name in pruned)
     # save and reload

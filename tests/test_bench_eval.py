@@ -1,14 +1,15 @@
 """`dsnot bench` and `dsnot eval` on the tiny model: JSON schema, exact sparsity, plot, errors."""
 
+import importlib
 import json
 import math
 
 import pytest
 import torch
 
-from conftest import VOCAB
-from dsnot_modifier.experiments import bench
-from dsnot_modifier.experiments.cli import main as cli_main
+from dsnot_harness import bench
+from dsnot_modifier.cli import main as cli_main
+from helpers import VOCAB, blocks_hold
 
 
 def _words(path, n, seed):
@@ -22,11 +23,6 @@ def _words(path, n, seed):
 def texts(tmp_path_factory):
     d = tmp_path_factory.mktemp("texts")
     return _words(d / "calib.txt", 2000, 0), _words(d / "held_out.txt", 400, 1)
-
-
-def _blocks_ok(w, n, m):
-    zeros = (w == 0).reshape(w.shape[0], -1, m).sum(-1)
-    return bool((zeros == n).all())
 
 
 @pytest.mark.slow
@@ -113,7 +109,7 @@ def test_magnitude_prune_exact():
         assert int((layer.weight == 0).sum()) == int(layer.weight.numel() * 0.6)
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 16))
     bench.magnitude_prune(model, "4:8")
-    assert all(_blocks_ok(layer.weight, 4, 8) for layer in model)
+    assert all(blocks_hold(layer.weight, 4, 8) for layer in model)
 
 
 def test_reconstruction_error_matches_definition():
@@ -145,8 +141,8 @@ def test_bench_bad_input(kwargs, match):
 
 
 def test_eval_command(tiny_model_dir, texts, tmp_path, capsys):
-    from dsnot_modifier.experiments.evaluate import perplexity
-    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
+    from dsnot_harness.evaluate import perplexity
+    from dsnot_harness.pipeline import load_model, load_tokenizer
 
     _, held_out = texts
     out = tmp_path / "eval.json"
@@ -167,12 +163,12 @@ def test_eval_command(tiny_model_dir, texts, tmp_path, capsys):
 def test_eval_tasks_without_lm_eval(tiny_model_dir, texts):
     pytest.importorskip("transformers")
     try:
-        import lm_eval  # noqa: F401
+        importlib.import_module("lm_eval")
         pytest.skip("lm-eval is installed")
     except ImportError:
         pass
     _, held_out = texts
-    with pytest.raises(RuntimeError, match="pip install 'dsnot-modifier\\[lm-eval\\]'"):
+    with pytest.raises(RuntimeError, match="pip install lm-eval"):
         cli_main(["eval", tiny_model_dir, "--text", held_out, "--windows", "1", "--seq-len", "16",
                   "--tasks", "hellaswag"])
 
@@ -204,7 +200,7 @@ def test_plot_draws_nm_points_in_their_methods_colour(tmp_path, monkeypatch):
 
 
 def test_cpu_description_names_the_model_and_the_features_that_move_timings(tmp_path):
-    from dsnot_modifier.experiments.pipeline import cpu_description, environment
+    from dsnot_harness.pipeline import cpu_description, environment
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Some Xeon\n"
@@ -213,3 +209,27 @@ def test_cpu_description_names_the_model_and_the_features_that_move_timings(tmp_
     info.write_text("model name\t: Old\nflags\t\t: fpu sse2\n")
     assert cpu_description(str(info)).startswith("Old (none of avx2/")
     assert isinstance(environment()["cpu"], str)
+
+
+def test_update_methods_turn_on_the_weight_update(tiny_model_dir, texts):
+    """``+update`` after DSnoT: DSnoTModifier(update_weights=True), with or without OWL; the
+    row's summary says how much the update lowered the layers' gram error."""
+    from dsnot_modifier import DSnoTModifier, OWLModifier
+    from dsnot_harness.pipeline import make_recipe
+
+    recipe = make_recipe("owl-sparsegpt+dsnot+update", "0.7")
+    assert [type(m).__name__ for m in recipe] == ["OWLModifier", "SparseGPTModifier", "DSnoTModifier"]
+    assert isinstance(recipe[0], OWLModifier) and recipe[2].update_weights
+    assert isinstance(make_recipe("wanda+dsnot", "2:4")[1], DSnoTModifier)
+    assert not make_recipe("wanda+dsnot", "2:4")[1].update_weights
+    with pytest.raises(ValueError, match="the update follows DSnoT"):
+        make_recipe("wanda+update", "0.6")
+    calib, held_out = texts
+    spec = dict(model=tiny_model_dir, method="wanda+dsnot+update", sparsity="2:4", calib_texts=[calib],
+                calib_samples=4, seq_len=32, eval_texts=[held_out], eval_windows=2, recon_windows=2,
+                threads=1)
+    row = bench.run_row(spec)
+    summary = row["params"]["dsnot_summary"]
+    assert summary["layers"] == summary["layers_updated"] == 14
+    assert -1 < summary["mean_update_error_change"] < 0
+    assert row["params"]["layer_sparsity"] == pytest.approx(0.5, abs=1e-9)

@@ -6,9 +6,9 @@ passes on good checkpoints and fails on tampered ones and lying reports;
 save_checkpoint never leaves a half-written or silently clobbered directory.
 """
 
-import hashlib
 import json
 import os
+import stat
 import shutil
 
 import pytest
@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from dsnot_modifier import DSnoTModifier
 from dsnot_modifier.checkpoint import CheckpointError, save_checkpoint, verify_checkpoint
-from dsnot_modifier.experiments.cli import main
-from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
+from dsnot_modifier.cli import main
+from dsnot_harness.pipeline import load_model, load_tokenizer
 from test_modifier import COMMON, linears, run
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
@@ -119,6 +119,18 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 # ------------------------------------------------------------------ dense 2:4
 
 
+def assert_umask_permissions(directory):
+    """Every file (and the directory) has the mode a plain open or mkdir gives."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o777 & ~mask
+    names = os.listdir(directory)
+    assert {"model.safetensors", "dsnot_report.json", "config.json"} <= set(names)
+    for name in names:
+        mode = stat.S_IMODE(os.stat(os.path.join(directory, name)).st_mode)
+        assert mode == 0o666 & ~mask, (name, oct(mode))
+
+
 @pytest.fixture(scope="module")
 def dense_checkpoint(tiny_model_dir, calib_windows, tmp_path_factory):
     out = tmp_path_factory.mktemp("dense") / "wanda-dsnot-2of4"
@@ -145,6 +157,7 @@ def test_dense_checkpoint_reloads_exactly_with_report_and_recipe(dense_checkpoin
                  if isinstance(getattr(m, "weight", None), torch.nn.Parameter)}
     assert_reloads_exactly(out, in_memory)
 
+    assert_umask_permissions(out)
     code, text, _ = verify_cli(out, capsys)
     assert code == 0, text
     assert "OK: the checkpoint holds" in text
@@ -166,23 +179,9 @@ def test_verify_fails_on_an_unzeroed_weight(dense_checkpoint, tmp_path, capsys):
     assert "FAILED: 1 layers" in text
 
 
-def test_verify_checks_the_digests_of_earlier_reports(dense_checkpoint, tmp_path, capsys):
-    """A report written before the v2 digests holds blake2b ones: verify still checks them."""
+def test_verify_checks_the_mask_digest(dense_checkpoint, tmp_path, capsys):
+    """The same number of zeros in other places fails; so does a digest of another kind."""
     out = dense_checkpoint[0]
-    stored = load_file(os.path.join(out, "model.safetensors"))
-
-    def old_digest(name):
-        zero = (stored[f"{name}.weight"] == 0).to(torch.uint8).contiguous()
-        raw = zero.reshape(-1).numpy().tobytes()
-        return f"mask{list(zero.shape)}:{hashlib.blake2b(raw, digest_size=16).hexdigest()}"
-
-    def to_old(report):
-        for layer in report["layers"]:
-            assert layer["mask_digest"].split(":")[1].startswith("v2-")
-            layer["mask_digest"] = old_digest(layer["name"])
-
-    code, text, _ = verify_cli(lying(out, tmp_path / "old", to_old), capsys)
-    assert code == 0, text
 
     def moved(tensors):  # one zero of q_proj moved inside its block: same counts
         w = tensors[f"{Q_PROJ}.weight"]
@@ -190,7 +189,15 @@ def test_verify_checks_the_digests_of_earlier_reports(dense_checkpoint, tmp_path
         k = next(c for c in range(j // 4 * 4, j // 4 * 4 + 4) if w[i, c] != 0)
         w[i, j], w[i, k] = w[i, k], 0.0
 
-    code, text, _ = verify_cli(tampered(tmp_path / "old", tmp_path / "old_t", moved), capsys)
+    code, text, _ = verify_cli(tampered(out, tmp_path / "t", moved), capsys)
+    assert code == 1 and "the zero mask differs" in text
+
+    def unknown(report):
+        for layer in report["layers"]:
+            assert layer["mask_digest"].split(":")[1].startswith("b2-")
+            layer["mask_digest"] = layer["mask_digest"].replace(":b2-", ":v2-")
+
+    code, text, _ = verify_cli(lying(out, tmp_path / "old", unknown), capsys)
     assert code == 1 and "the zero mask differs" in text
 
 
@@ -314,6 +321,7 @@ def test_save_checkpoint_is_atomic_and_never_clobbers(tiny_model_dir, calib_wind
 
     assert save_checkpoint(model, out, tokenizer) == out.resolve()
     assert {"model.safetensors", "dsnot_report.json", "recipe.yaml", "tokenizer.json"} <= set(os.listdir(out))
+    assert_umask_permissions(out)
     assert_reloads_exactly(out, in_memory)
     assert verify_checkpoint(out).ok
 

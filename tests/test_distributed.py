@@ -42,7 +42,7 @@ def standalone(objective="gram", structure="0:0", **kwargs):
 def run_oneshot(model, model_dir, windows, recipe):
     from llmcompressor import oneshot
 
-    from dsnot_modifier.experiments.pipeline import calibration_dataset, load_tokenizer
+    from dsnot_harness.pipeline import calibration_dataset, load_tokenizer
 
     oneshot(model=model, processor=load_tokenizer(model_dir), dataset=calibration_dataset(windows),
             recipe=recipe, pipeline="sequential", num_calibration_samples=windows.shape[0],
@@ -79,7 +79,7 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
     from loguru import logger
     from transformers import AutoModelForCausalLM
 
-    from dsnot_modifier.experiments.pipeline import load_model
+    from dsnot_harness.pipeline import load_model
     from llmcompressor.modifiers import Modifier
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
@@ -183,7 +183,7 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
 
     def exchange():
         """The distributed epoch alone, without an llm-compressor session."""
-        from dsnot_modifier.distributed import RankGroup, refine_across_ranks
+        from dsnot_modifier.distributed import RankGroup, RankWork
         from dsnot_modifier.report import LayerReport
         from dsnot_modifier.stats import InputStats, LayerState
 
@@ -219,10 +219,10 @@ def worker(outdir: str, model_dir: str):  # noqa: C901 - one scenario after the 
             return {module: refine_one(module, own.pop(module).dense, state.stats)
                     for module, state in list(own.items())}
 
-        group = RankGroup(60)
-        results = refine_across_ranks(group, layers, names, refine, lambda m, c: InputStats(c),
-                                      objective="mean", loads=[0.0] * world, refine_all=True)
-        group.destroy()
+        work = RankWork(RankGroup(60))
+        results = work.refine(layers, names, refine, lambda m, c: InputStats(c),
+                              objective="mean", refine_all=True)
+        work.destroy()
         return dict(owners={n: owner for n, (_, owner) in results.items()}, seen=seen, tokens=tokens,
                     reports={n: r.swaps for n, (r, _) in results.items()}, left=len(layers),
                     weights={n: m.weight.detach().clone() for n, m in modules.items()})
@@ -267,7 +267,7 @@ def session(tiny_model_dir, calib_windows, tmp_path_factory):
     Start the worker on two ranks; while they run, one process (this one) computes
     the reference of each scenario on all the windows. Returns both.
     """
-    from dsnot_modifier.experiments.pipeline import load_model
+    from dsnot_harness.pipeline import load_model
 
     outdir = tmp_path_factory.mktemp("distributed")
     torch.save(calib_windows, outdir / "windows.pt")
@@ -360,7 +360,7 @@ def test_ranks_agree_with_each_other_and_with_one_process(ranks, single, scenari
 
 
 def test_owl_ratios_are_those_of_all_the_data(ranks, tiny_model_dir, calib_windows):
-    from dsnot_modifier.experiments.pipeline import load_model
+    from dsnot_harness.pipeline import load_model
 
     first, second = (r["owl"] for r in ranks)
     owl_mod = _owl()

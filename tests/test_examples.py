@@ -24,10 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_script
-
-ROOT = Path(__file__).resolve().parent.parent
-COMMON = dict(targets=["Linear"], ignore=["re:.*lm_head"])
+from helpers import COMMON, ROOT, blocks_hold, linears, load_script, run
 
 #: the tiny model's tokenizer knows these words of the novels (lower-cased), the rest
 #: is [UNK]: about half the tokens of the texts are known, so inputs vary
@@ -67,10 +64,6 @@ def run_example_main(relative_path, argv, monkeypatch):
     except SystemExit as done:
         return done.code or 0
     return 0
-
-
-def blocks_ok(w, n, m):
-    return bool(((w == 0).reshape(w.shape[0], -1, m).sum(-1) == n).all())
 
 
 def test_dsnot_run_the_main_job(austen_model_dir, tmp_path):
@@ -129,7 +122,7 @@ def test_prune_quantize_export_example(austen_model_dir, tmp_path, capsys):
 
 
 def test_prune_with_recipe_and_evaluate_examples(austen_model_dir, tmp_path, monkeypatch, capsys):
-    from dsnot_modifier.experiments.pipeline import load_model
+    from dsnot_harness.pipeline import load_model
 
     out = tmp_path / "pruned"
     code = run_example_main("examples/prune_with_recipe.py",
@@ -139,10 +132,8 @@ def test_prune_with_recipe_and_evaluate_examples(austen_model_dir, tmp_path, mon
     assert code == 0
     report = json.loads((out / "dsnot_report.json").read_text())
     assert len(report["layers"]) == 14 and report["summary"]["swaps"] > 0
-    model = load_model(str(out))
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
-            assert blocks_ok(module.weight, 2, 4), name
+    for name, w in linears(load_model(str(out))).items():
+        assert blocks_hold(w, 2, 4), name
     capsys.readouterr()
     scores = tmp_path / "eval.json"
     code = run_example_main("examples/evaluate.py",
@@ -159,9 +150,8 @@ def test_distributed_torchrun_example_equals_one_process(austen_model_dir, tmp_p
     equals, bit for bit, the one a single process makes from all the windows.
     """
     from dsnot_modifier import DSnoTModifier
-    from dsnot_modifier.experiments.data import calibration_windows
-    from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer
-    from llmcompressor import oneshot
+    from dsnot_harness.data import calibration_windows
+    from dsnot_harness.pipeline import load_model, load_tokenizer
 
     out = tmp_path / "distributed"
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -176,11 +166,8 @@ def test_distributed_torchrun_example_equals_one_process(austen_model_dir, tmp_p
 
     tokenizer = load_tokenizer(austen_model_dir)
     windows = calibration_windows(tokenizer, 4, 32)
-    single = load_model(austen_model_dir)
-    oneshot(model=single, processor=tokenizer, dataset=calibration_dataset(windows),
-            recipe=[DSnoTModifier(initial="wanda", mask_structure="2:4", **COMMON)],
-            pipeline="sequential", num_calibration_samples=4, max_seq_length=32,
-            shuffle_calibration_samples=False)
+    single = run(austen_model_dir, windows, [DSnoTModifier(initial="wanda", mask_structure="2:4", **COMMON)],
+                 processor=tokenizer)
     saved = load_model(str(out))
     compared = 0
     for name, module in single.named_modules():

@@ -5,8 +5,8 @@ import importlib.metadata
 import pytest
 import torch
 
-from dsnot_modifier.experiments import models
-from dsnot_modifier.experiments.data import (
+from dsnot_harness import models
+from dsnot_harness.data import (
     CALIBRATION_TEXTS,
     EVAL_TEXT,
     TEXTS,

@@ -1,65 +1,23 @@
 """DSnoTModifier inside llm-compressor's oneshot, on a tiny Llama built from a config."""
 
-import json
-import os
-
 import pytest
 import torch
 from pydantic import ValidationError
 
 import dsnot_modifier
 from dsnot_modifier import DSnoTConfigError, DSnoTModifier
-from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer
+from dsnot_harness.pipeline import load_model
 from dsnot_modifier.stats import NonFiniteStatisticsError
 from dsnot_modifier.swaps import gram_error
-from llmcompressor import oneshot
+from helpers import COMMON, Spy, assert_untouched, blocks_hold, linears, run, run_expecting
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-
-COMMON = dict(targets=["Linear"], ignore=["re:.*lm_head"])
-
-
-class WeightSpy(Modifier):
-    """Records every target layer's weight at each epoch end (between pruner and DSnoT)."""
-
-    seen: dict = {}
-
-    def on_initialize(self, state, **kwargs):
-        self.seen.clear()
-        self._model = state.model
-        return True
-
-    def on_sequential_epoch_end(self, state, event, **kwargs):
-        for name, module in self._model.named_modules():
-            if isinstance(module, torch.nn.Linear) and "lm_head" not in name and name not in self.seen:
-                if bool((module.weight == 0).any()):
-                    self.seen[name] = module.weight.detach().clone()
-
-
-def run(model_dir, windows, recipe, pipeline="sequential", **kwargs):
-    model = load_model(model_dir)
-    oneshot(
-        model=model, processor=load_tokenizer(model_dir), dataset=calibration_dataset(windows),
-        recipe=recipe, pipeline=pipeline, num_calibration_samples=windows.shape[0],
-        max_seq_length=windows.shape[1], shuffle_calibration_samples=False, **kwargs,
-    )
-    return model
-
-
-def linears(model):
-    return {n: m.weight.detach() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_model_dir):
-    return linears(load_model(tiny_model_dir))
 
 
 @pytest.mark.parametrize("structure", ["0:0", "2:4", "4:8"])
 @pytest.mark.parametrize("objective", ["gram", "mean"])
 def test_refines_wanda_masks_keeping_zeros_and_values(tiny_model_dir, calib_windows, dense, objective, structure):
-    spy = WeightSpy()
+    spy = Spy(pruned_only=True)
     dsnot = DSnoTModifier(objective=objective, **COMMON)
     wanda = WandaPruningModifier(sparsity=0.5, mask_structure=structure, **COMMON)
     model = run(tiny_model_dir, calib_windows, [wanda, spy, dsnot])
@@ -73,7 +31,7 @@ def test_refines_wanda_masks_keeping_zeros_and_values(tiny_model_dir, calib_wind
         assert torch.equal((w == 0).sum(1), (pruned == 0).sum(1)), name
         if structure != "0:0":
             n, m = map(int, structure.split(":"))
-            assert bool(((w == 0).reshape(w.shape[0], -1, m).sum(-1) == n).all()), name
+            assert blocks_hold(w, n, m), name
         # Wanda keeps dense values, DSnoT regrows dense values: every non-zero is dense
         assert torch.equal(w[w != 0], dense[name][w != 0]), name
         changed += int((w != pruned).any())
@@ -84,7 +42,7 @@ def test_refines_wanda_masks_keeping_zeros_and_values(tiny_model_dir, calib_wind
 
 
 def test_refines_sparsegpt_keeping_its_updated_values(tiny_model_dir, calib_windows, dense):
-    spy = WeightSpy()
+    spy = Spy(pruned_only=True)
     dsnot = DSnoTModifier(**COMMON)
     sgpt = SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **COMMON)
     model = run(tiny_model_dir, calib_windows, [sgpt, spy, dsnot])
@@ -95,7 +53,7 @@ def test_refines_sparsegpt_keeping_its_updated_values(tiny_model_dir, calib_wind
         grown = (w != 0) & (pruned == 0)
         assert torch.equal(w[kept], pruned[kept]), name  # SparseGPT's updated values
         assert torch.equal(w[grown], dense[name][grown]), name  # regrown: dense values
-        assert bool(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), name
+        assert blocks_hold(w, 2, 4), name
         grown_total += int(grown.sum())
     assert grown_total > 0
     assert all(layer.error_after < layer.error_before for layer in dsnot.report.layers)
@@ -114,7 +72,7 @@ def test_gram_error_recomputed_is_lower(tiny_model_dir, calib_windows, dense, gr
             self.register_hook(module, lambda m, a, o: captured.setdefault("x", []).append(a[0].detach().clone()), "forward")
             return True
 
-    spy = WeightSpy()
+    spy = Spy(pruned_only=True)
     dsnot = DSnoTModifier(gram_dtype=gram_dtype, **COMMON)
     model = run(tiny_model_dir, calib_windows,
                 [Capture(), WandaPruningModifier(sparsity=0.6, mask_structure="0:0", **COMMON), spy, dsnot])
@@ -145,14 +103,14 @@ sparsity_stage:
 """
     model = run(tiny_model_dir, calib_windows, recipe)
     for name, w in linears(model).items():
-        assert bool(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), name
+        assert blocks_hold(w, 2, 4), name
 
 
 def test_standalone_initial_masks(tiny_model_dir, calib_windows):
     model = run(tiny_model_dir, calib_windows,
                 [DSnoTModifier(initial="wanda", mask_structure="2:4", **COMMON)])
     for name, w in linears(model).items():
-        assert bool(((w == 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), name
+        assert blocks_hold(w, 2, 4), name
     dsnot = DSnoTModifier(initial="wanda", sparsity=0.6, objective="mean", **COMMON)
     model = run(tiny_model_dir, calib_windows, [dsnot])
     for name, w in linears(model).items():
@@ -165,7 +123,7 @@ def test_standalone_initial_masks(tiny_model_dir, calib_windows):
 
 
 def test_attention_only_targets_leave_mlp_as_wanda_left_it(tiny_model_dir, calib_windows):
-    spy = WeightSpy()
+    spy = Spy(pruned_only=True)
     dsnot = DSnoTModifier(targets=["re:.*self_attn.*"], ignore=[])
     model = run(tiny_model_dir, calib_windows,
                 [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **COMMON), spy, dsnot])
@@ -195,20 +153,6 @@ def test_same_input_layers_share_statistics(tiny_model_dir, calib_windows):
     assert ("o_proj",) in groups and ("down_proj",) in groups
 
 
-def test_report_written_next_to_checkpoint(tiny_model_dir, calib_windows, tmp_path):
-    out = tmp_path / "pruned"
-    dsnot = DSnoTModifier(**COMMON)
-    model = run(tiny_model_dir, calib_windows,
-                [WandaPruningModifier(sparsity=0.5, **COMMON), dsnot], output_dir=str(out))
-    data = json.loads((out / "dsnot_report.json").read_text())
-    assert len(data["layers"]) == 14 and data["params"]["objective"] == "gram"
-    assert data["params"]["min_tokens"] == 128  # the rule behind the report's skipped layers
-    assert data["summary"]["swaps"] == sum(layer.swaps for layer in dsnot.report.layers) > 0
-    reloaded = linears(load_model(str(out)))
-    for name, w in linears(model).items():
-        assert torch.equal(reloaded[name], w), name
-
-
 def test_deterministic(tiny_model_dir, calib_windows):
     recipe = lambda: [WandaPruningModifier(sparsity=0.6, **COMMON), DSnoTModifier(**COMMON)]  # noqa: E731
     first = linears(run(tiny_model_dir, calib_windows, recipe()))
@@ -229,26 +173,12 @@ def test_deterministic(tiny_model_dir, calib_windows):
     (dict(initial="wanda", sparsity=0.6, mask_structure="2:4"), "contradicts"),
     (dict(objective="best"), "objective"),
     (dict(max_cycles=-1), "max_cycles"),
-    (dict(objective="mean", gram_dtype="bfloat16"), "objective: gram only"),
+    (dict(objective="mean", gram_dtype="bfloat16"), r"objective: gram \(or update_weights\) only"),
     (dict(gram_dtype="float16"), "gram_dtype"),
 ])
 def test_bad_settings_fail_at_construction(kwargs, match):
     with pytest.raises(ValidationError, match=match):
         DSnoTModifier(**kwargs)
-
-
-def assert_untouched(model_dir, model):
-    original = linears(load_model(model_dir))
-    assert all(torch.equal(original[n], w) for n, w in linears(model).items())
-
-
-def run_expecting(model_dir, windows, recipe, error, match, **kwargs):
-    model = load_model(model_dir)
-    with pytest.raises(error, match=match):
-        oneshot(model=model, processor=load_tokenizer(model_dir), dataset=calibration_dataset(windows),
-                recipe=recipe, num_calibration_samples=windows.shape[0], max_seq_length=windows.shape[1],
-                **({"pipeline": "sequential"} | kwargs))
-    return model
 
 
 def test_default_independent_pipeline_is_refused_before_pruning(tiny_model_dir, calib_windows):
@@ -298,9 +228,9 @@ def test_layers_no_pruner_targets_hold_nothing(tiny_model_dir, calib_windows, de
     snapshotted = []
     snapshot = modifier_module.snapshot_weight
 
-    def spy(module, where):
+    def spy(module, *args, **kwargs):
         snapshotted.append(module)
-        return snapshot(module, where)
+        return snapshot(module, *args, **kwargs)
 
     monkeypatch.setattr(modifier_module, "snapshot_weight", spy)
     dsnot = DSnoTModifier(**COMMON)
@@ -321,9 +251,8 @@ def test_non_finite_activations(tiny_model_dir, calib_windows):
     with torch.no_grad():
         model.model.embed_tokens.weight[calib_windows[0, 0]] = float("nan")
     with pytest.raises(NonFiniteStatisticsError, match=r"model\.layers\.0\..* NaN or inf"):
-        oneshot(model=model, processor=load_tokenizer(tiny_model_dir), dataset=calibration_dataset(calib_windows),
-                recipe=[WandaPruningModifier(sparsity=0.5, **COMMON), DSnoTModifier(**COMMON)],
-                pipeline="sequential", num_calibration_samples=8, max_seq_length=32)
+        run(tiny_model_dir, calib_windows, [WandaPruningModifier(sparsity=0.5, **COMMON), DSnoTModifier(**COMMON)],
+            model=model)
     # checked once per layer at the end of the first decoder layer's epoch (no host sync
     # per batch): the error stops calibration there, nothing past that layer is pruned
     zeroed = {n for n, w in linears(model).items() if bool((w == 0).any())}

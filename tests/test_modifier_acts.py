@@ -17,15 +17,13 @@ import torch
 
 from dsnot_modifier import DSnoTModifier
 from dsnot_modifier import modifier as modifier_module
-from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer
+from dsnot_harness.pipeline import load_model
 from dsnot_modifier.swaps import gram_error, mean_error
-from llmcompressor import oneshot
+from helpers import COMMON, blocks_hold, linears, run
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from reference import refine_reference
 from test_reference_float32 import assert_matches_reference
-
-COMMON = dict(targets=["Linear"], ignore=["re:.*lm_head"])
 
 
 #: what InputCapture saw in the last run: layer name -> inputs, and -> weight as pruned
@@ -92,19 +90,6 @@ class RefineRecorder:
             return result
 
         monkeypatch.setattr(modifier_module, "refine_mask", recorded)
-
-
-def run(model_dir, windows, recipe, dtype=torch.float32):
-    model = load_model(model_dir, dtype=dtype)
-    oneshot(model=model, processor=load_tokenizer(model_dir), dataset=calibration_dataset(windows),
-            recipe=recipe, pipeline="sequential", num_calibration_samples=windows.shape[0],
-            max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
-    return model
-
-
-def linears(model):
-    return {n: m.weight.detach() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
 
 
 def by_layer(recorder, dsnot):
@@ -198,7 +183,7 @@ def check_acted(dense, final, dsnot, max_cycles, objective, nm=None):
         at_cap += int((per_row == max_cycles).sum())
         if nm is not None:
             n, m = nm
-            assert bool(((w == 0).reshape(w.shape[0], -1, m).sum(-1) == n).all()), name
+            assert blocks_hold(w, n, m), name
         # the pruner's kept values untouched (SparseGPT's updated ones), regrown ones dense
         assert torch.equal(w[kept], pruned[kept]), name
         assert torch.equal(w[grown], dense[name][grown]), name
@@ -219,20 +204,15 @@ def check_acted(dense, final, dsnot, max_cycles, objective, nm=None):
 
 
 @pytest.mark.parametrize("objective", ["gram", "mean"])
-def test_dsnot_acts_on_sparsegpt_as_its_report_says(tiny_model_dir, calib_windows, dense_weights, objective):
+def test_dsnot_acts_on_sparsegpt_as_its_report_says(tiny_model_dir, calib_windows, dense, objective):
     dsnot = DSnoTModifier(objective=objective, max_cycles=4, threshold=0.0, **COMMON)
     model = run(tiny_model_dir, calib_windows,
                 [InputCapture(), SparseGPTModifier(sparsity=0.6, mask_structure="0:0", **COMMON), AfterPruner(), dsnot])
     final = linears(model)
     # SparseGPT moved the kept values: equal-to-dense would not show that they are kept
-    moved = sum(int(((p != 0) & (p != dense_weights[n])).sum()) for n, p in PRUNED.items())
+    moved = sum(int(((p != 0) & (p != dense[n])).sum()) for n, p in PRUNED.items())
     assert moved > 0.9 * sum(int((p != 0).sum()) for p in PRUNED.values())
-    check_acted(dense_weights, final, dsnot, 4, objective)
-
-
-@pytest.fixture(scope="module")
-def dense_weights(tiny_model_dir):
-    return linears(load_model(tiny_model_dir))
+    check_acted(dense, final, dsnot, 4, objective)
 
 
 # --------------------------------------------------------- half-precision models

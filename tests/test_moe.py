@@ -1,5 +1,6 @@
 """issue 13: MoE experts (empty inputs, min_tokens, shared statistics), N:M from the
-pruner, layers left alone, padding, fused experts, and the report's mask digest."""
+pruner, and the report's mask digest (layers left alone, padding and fused experts:
+tests/test_layers.py)."""
 
 import json
 import os
@@ -8,15 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import load_script
-from dsnot_modifier import DSnoTConfigError, DSnoTModifier
+from dsnot_modifier import DSnoTModifier
 from dsnot_modifier.checkpoint import verify_checkpoint
-from dsnot_modifier.layers import unlinearized_experts
 from dsnot_modifier.masks import RefinedStructureError, check_refined
-from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
 from dsnot_modifier.stats import InputStats, SharedInputs
-from test_architectures import COMMON, Spy, VOCAB, build, linears, tokenizer
-from llmcompressor import oneshot
+from helpers import COMMON, VOCAB, Spy, block_zeros, linears, load_script, random_windows, run, run_built
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 
 
@@ -73,18 +70,6 @@ def test_check_refined_refuses_a_broken_structure():
         check_refined(before, torch.ones_like(before), None, "x")
 
 
-def _run(model, samples, recipe, tmp_path, length=32, **kwargs):
-    model.config.save_pretrained(tmp_path / "config")
-    model.config.name_or_path = str(tmp_path / "config")
-    windows = torch.randint(1, VOCAB, (samples, length), generator=torch.Generator().manual_seed(1))
-    from dsnot_modifier.experiments.pipeline import calibration_dataset
-
-    oneshot(model=model, processor=tokenizer(), dataset=calibration_dataset(windows),
-            recipe=recipe, pipeline="sequential", num_calibration_samples=samples,
-            max_seq_length=length, shuffle_calibration_samples=False, **kwargs)
-    return model
-
-
 @pytest.mark.parametrize("objective", ["gram", "mean"])
 def test_routed_experts_with_few_tokens_left_as_the_pruner_left_them(objective, tmp_path, warnings_seen):
     import transformers as tf
@@ -100,8 +85,9 @@ def test_routed_experts_with_few_tokens_left_as_the_pruner_left_them(objective, 
     spy = Spy()
     # 4 x 32 = 128 tokens: the attention sees them all, each expert about 16
     dsnot = DSnoTModifier(objective=objective, min_tokens=100, **COMMON)
-    _run(model, 4, [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **COMMON), spy, dsnot],
-         tmp_path, moe_calibrate_all_experts=False)
+    wanda = WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **COMMON)
+    run_built(model, random_windows(4, 32), [wanda, spy, dsnot], tmp_path / "config",
+              moe_calibrate_all_experts=False)
     out = linears(model)
     few = [s for s in dsnot.report.skipped if s.reason == "few tokens"]
     assert len(few) >= 24  # 8 experts x 3 projections x 2 layers, all or nearly
@@ -128,87 +114,10 @@ def test_all_expert_calibration_holds_one_gram_of_the_hidden_states():
     assert per_expert == 3 * 64 * 16 * 4 + 16 * 16 * 4
 
 
-def test_layers_left_alone_are_reported_and_warned(tiny_model_dir, calib_windows, tmp_path, warnings_seen):
-    model = load_model(tiny_model_dir)
-    # a target the calibration never runs (as a vision tower under text data)
-    model.model.unused = torch.nn.Linear(64, 64)
-    wanda = WandaPruningModifier(sparsity=0.5, mask_structure="0:0", targets=["Linear"],
-                                 ignore=["re:.*lm_head", "re:.*mlp.down_proj"])
-    dsnot = DSnoTModifier(**COMMON)
-    from dsnot_modifier.experiments.pipeline import calibration_dataset
-
-    oneshot(model=model, processor=load_tokenizer(tiny_model_dir),
-            dataset=calibration_dataset(calib_windows), recipe=[wanda, dsnot],
-            pipeline="sequential", num_calibration_samples=8, max_seq_length=32,
-            shuffle_calibration_samples=False)
-    skipped = {s.name: s.reason for s in dsnot.report.skipped}
-    assert skipped["model.unused"] == "never called"
-    assert skipped["model.layers.0.mlp.down_proj"] == "not pruned"
-    assert skipped["model.layers.1.mlp.down_proj"] == "not pruned"
-    assert len(dsnot.report.layers) == 12
-    warned = [w for w in warnings_seen if "left 3: " in w]
-    assert len(warned) == 1 and "model.unused" in warned[0]
-    assert not dsnot._layers and not dsnot.state_bytes
-
-
-def test_padding_is_refused(tiny_model_dir, calib_windows):
-    from datasets import Dataset
-
-    ids = calib_windows.tolist()
-    mask = [[1] * len(r) for r in ids]
-    mask[1][-4:] = [0] * 4
-    data = Dataset.from_dict({"input_ids": ids, "attention_mask": mask})
-    with pytest.raises(DSnoTConfigError, match="sample 1 has attention_mask zeros.*batch_size=1"):
-        oneshot(model=load_model(tiny_model_dir), processor=load_tokenizer(tiny_model_dir),
-                dataset=data, recipe=[WandaPruningModifier(sparsity=0.5, **COMMON), DSnoTModifier(**COMMON)],
-                pipeline="sequential", num_calibration_samples=8, max_seq_length=32,
-                shuffle_calibration_samples=False)
-    ragged = [r[: 20 + i] for i, r in enumerate(ids)]
-    data = Dataset.from_dict({"input_ids": ragged, "attention_mask": [[1] * len(r) for r in ragged]})
-    with pytest.raises(DSnoTConfigError, match="batch_size is 2 .*different lengths"):
-        oneshot(model=load_model(tiny_model_dir), processor=load_tokenizer(tiny_model_dir),
-                dataset=data, recipe=[WandaPruningModifier(sparsity=0.5, **COMMON), DSnoTModifier(**COMMON)],
-                pipeline="sequential", num_calibration_samples=8, max_seq_length=32,
-                shuffle_calibration_samples=False, batch_size=2)
-
-
-def test_fused_experts_are_named_with_the_fix(tiny_model_dir, calib_windows, warnings_seen):
-    class FusedExperts(torch.nn.Module):  # experts kept as one 3D tensor, unknown to llm-compressor
-        def __init__(self):
-            super().__init__()
-            self.gate_up = torch.nn.Parameter(torch.randn(4, 64, 32))
-
-    class PositionEmbedding(torch.nn.Module):  # a 3D parameter that is no expert
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Parameter(torch.zeros(1, 16, 64))
-
-    model = load_model(tiny_model_dir)
-    model.model.layers[0].moe = FusedExperts()
-    model.model.pos = PositionEmbedding()
-    assert unlinearized_experts(model) == ["model.layers.0.moe"]
-    assert unlinearized_experts(build("llama")) == []
-    from dsnot_modifier.experiments.pipeline import calibration_dataset
-
-    oneshot(model=model, processor=load_tokenizer(tiny_model_dir),
-            dataset=calibration_dataset(calib_windows),
-            recipe=[WandaPruningModifier(sparsity=0.5, **COMMON), DSnoTModifier(**COMMON)],
-            pipeline="sequential", num_calibration_samples=8, max_seq_length=32,
-            shuffle_calibration_samples=False)
-    warned = [w for w in warnings_seen if "not refined" in w]
-    assert len(warned) == 1 and "model.layers.0.moe" in warned[0] and "linearize_moe" in warned[0]
-
-
 def test_verify_catches_a_moved_zero(tiny_model_dir, calib_windows, tmp_path):
-    from dsnot_modifier.experiments.pipeline import calibration_dataset
-
-    model = load_model(tiny_model_dir)
     dsnot = DSnoTModifier(**COMMON)
-    oneshot(model=model, processor=load_tokenizer(tiny_model_dir),
-            dataset=calibration_dataset(calib_windows),
-            recipe=[WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **COMMON), dsnot],
-            pipeline="sequential", num_calibration_samples=8, max_seq_length=32,
-            shuffle_calibration_samples=False, output_dir=str(tmp_path))
+    run(tiny_model_dir, calib_windows, [WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **COMMON), dsnot],
+        output_dir=str(tmp_path))
     assert verify_checkpoint(tmp_path).ok
     report = json.loads((tmp_path / "dsnot_report.json").read_text())
     assert all(layer["mask_digest"] for layer in report["layers"])
@@ -248,8 +157,7 @@ def test_nm_blocks_with_extra_zeros_keep_them(objective):
     extra = dict(gram=stats.gram()) if objective == "gram" else dict(
         mean=stats.mean(), var=stats.var(), sqnorm=stats.sqnorm())
     result = refine_mask(dense, current, objective=objective, nm=(2, 4), **extra)
-    counts = lambda w: (w == 0).reshape(rows, -1, 4).sum(-1)  # noqa: E731
-    assert torch.equal(counts(result.weight), counts(current))
-    assert int(counts(current)[:, 0].min()) >= 3
+    assert torch.equal(block_zeros(result.weight, 4), block_zeros(current, 4))
+    assert int(block_zeros(current, 4)[:, 0].min()) >= 3
     assert result.swaps > 0
     check_refined(current, result.weight, (2, 4), "layer")

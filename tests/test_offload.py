@@ -15,39 +15,11 @@ import pytest
 import torch
 
 from dsnot_modifier import DSnoTConfigError, DSnoTModifier
-from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer
-from llmcompressor import oneshot
+from helpers import COMMON, linears, load_offloaded, run
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 
 pytestmark = pytest.mark.offload
-
-COMMON = dict(targets=["Linear"], ignore=["re:.*lm_head"])
-
-
-def load_offloaded(model_dir: str, where: str, folder=None):
-    """The model with its weights offloaded to the cpu or to disk (in ``folder``)."""
-    from compressed_tensors.offload import load_offloaded_model
-    from transformers import AutoModelForCausalLM
-
-    with load_offloaded_model():
-        if where == "disk":
-            return AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.float32, device_map={"": "disk"}, offload_folder=str(folder)
-            )
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="auto_offload")
-
-
-def run(model, model_dir, windows, recipe):
-    oneshot(model=model, processor=load_tokenizer(model_dir), dataset=calibration_dataset(windows),
-            recipe=recipe, pipeline="sequential", num_calibration_samples=windows.shape[0],
-            max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
-    return model
-
-
-def linears(model):
-    return {n: m.weight.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
 
 
 def wanda_dsnot():
@@ -95,7 +67,7 @@ def in_memory(tiny_model_dir, calib_windows):
     results = {}
     for name, make in RECIPES.items():
         recipe, dsnot = make()
-        model = run(load_model(tiny_model_dir), tiny_model_dir, calib_windows, recipe)
+        model = run(tiny_model_dir, calib_windows, recipe)
         results[name] = (linears(model), [(l.name, l.swaps) for l in dsnot.report.layers], dsnot.peak_state_bytes)
     return results
 
@@ -111,7 +83,7 @@ def test_offloaded_run_equals_the_in_memory_run(tiny_model_dir, calib_windows, i
 
     steps, dsnot = RECIPES[recipe]()
     SPIED[:] = [dsnot]
-    run(model, tiny_model_dir, calib_windows, steps[:-1] + [SnapshotSpy(), dsnot])
+    run(tiny_model_dir, calib_windows, steps[:-1] + [SnapshotSpy(), dsnot], model=model)
 
     weights, layers, peak = in_memory[recipe]
     got = linears(model)  # onloaded from the cpu or read back from disk
@@ -147,7 +119,7 @@ def test_state_is_one_layer_whatever_the_depth(tiny_model_dir, calib_windows, tm
     peaks = {}
     for path in (tiny_model_dir, str(deep_dir)):
         recipe, dsnot = wanda_dsnot()
-        model = run(load_offloaded(path, "disk", tmp_path / f"offload{len(peaks)}"), path, calib_windows, recipe)
+        model = run(path, calib_windows, recipe, model=load_offloaded(path, "disk", tmp_path / f"offload{len(peaks)}"))
         peaks[path] = (dsnot.peak_state_bytes, len(dsnot.report.layers))
         expected = one_layer_bytes(model)
     (small, n_small), (deep, n_deep) = peaks.values()
@@ -185,7 +157,7 @@ def test_unwritable_offload_folder_is_refused_before_pruning(tiny_model_dir, cal
         pytest.skip("cannot make a directory unwritable here (root without chattr)")
     try:
         with pytest.raises(DSnoTConfigError, match="cannot be written") as info:
-            run(model, tiny_model_dir, calib_windows, wanda_dsnot()[0])
+            run(tiny_model_dir, calib_windows, wanda_dsnot()[0], model=model)
     finally:
         undo()
     assert str(folder) in str(info.value) and "offload_folder" in str(info.value)
@@ -209,7 +181,7 @@ def test_offload_folder_becoming_unwritable_mid_run(tiny_model_dir, calib_window
     dsnot = DSnoTModifier(initial="wanda", sparsity=0.5, **COMMON)
     try:
         with pytest.raises(DSnoTConfigError, match="writing the refined weight of") as info:
-            run(model, tiny_model_dir, calib_windows, [LockFolder(), dsnot])
+            run(tiny_model_dir, calib_windows, [LockFolder(), dsnot], model=model)
     finally:
         if undos and undos[0] is not None:
             undos[0]()

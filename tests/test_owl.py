@@ -6,13 +6,11 @@ import yaml
 from pydantic import ValidationError
 
 import reference_owl as ref
-from conftest import load_script
 from dsnot_modifier import DSnoTModifier, OWLError, OWLModifier
 from dsnot_modifier import owl
-from dsnot_modifier.experiments.pipeline import calibration_dataset, load_model, load_tokenizer, make_recipe
-from llmcompressor import oneshot
+from dsnot_harness.pipeline import load_model, make_recipe
+from helpers import COMMON, Spy, assert_untouched, linears, load_offloaded, load_script, run, run_expecting
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-from test_modifier import COMMON, WeightSpy, assert_untouched, dense, linears, run, run_expecting  # noqa: F401 (dense: a fixture)
 
 # ------------------------------------------------------------------------- math
 
@@ -172,7 +170,7 @@ def expected(tiny_model_dir, calib_windows):
 def test_owl_then_dsnot(tiny_model_dir, calib_windows, dense, expected, pruner):
     ratios, sparsities = expected
     owl_mod = OWLModifier(m=3, lmbda=0.1)
-    spy = WeightSpy()
+    spy = Spy(pruned_only=True)
     if pruner == "standalone":
         dsnot = DSnoTModifier(initial="wanda", sparsity=0.6, **COMMON)
         recipe = [owl_mod, dsnot]
@@ -277,8 +275,8 @@ def test_bench_methods_build_owl_recipes():
 
 
 def test_bench_owl_options_reach_the_rows(monkeypatch, capsys):
-    from dsnot_modifier.experiments import bench
-    from dsnot_modifier.experiments.cli import main as cli_main
+    from dsnot_harness import bench
+    from dsnot_modifier.cli import main as cli_main
 
     assert {"owl-wanda", "owl-wanda+dsnot", "owl-sparsegpt", "owl-sparsegpt+dsnot"} <= set(bench.METHODS)
     specs = []
@@ -289,7 +287,7 @@ def test_bench_owl_options_reach_the_rows(monkeypatch, capsys):
                 "time_s": {"oneshot": 0.0, "dsnot": 0.0}, "recon_error": 0.0, "peak_rss_mb": 0.0, "params": {}}
 
     monkeypatch.setattr(bench, "run_row", fake_row)
-    monkeypatch.setattr("dsnot_modifier.experiments.models.resolve_model", lambda model: "unused")
+    monkeypatch.setattr("dsnot_harness.models.resolve_model", lambda model: "unused")
     assert cli_main(["bench", "--model", "x", "--methods", "owl-wanda+dsnot,wanda", "--sparsities", "0.7,2:4",
                      "--owl-m", "7", "--owl-lambda", "0.05", "--in-process"]) == 0
     assert [(s["method"], s["sparsity"]) for s in specs] == [("owl-wanda+dsnot", "0.7"), ("wanda", "0.7"),
@@ -300,19 +298,14 @@ def test_bench_owl_options_reach_the_rows(monkeypatch, capsys):
 
 @pytest.mark.parametrize("where", ["cpu", "disk"])
 def test_offloaded_model_gets_the_same_owl_result(tiny_model_dir, calib_windows, tmp_path, where):
-    from test_offload import load_offloaded
-
     def recipe():
         return [OWLModifier(m=3, lmbda=0.1), WandaPruningModifier(sparsity=0.6, **COMMON), DSnoTModifier(**COMMON)]
 
     in_memory = linears(run(tiny_model_dir, calib_windows, recipe()))
     steps = recipe()
     model = load_offloaded(tiny_model_dir, where, tmp_path / "offload")
-    oneshot(model=model, processor=load_tokenizer(tiny_model_dir), dataset=calibration_dataset(calib_windows),
-            recipe=steps, pipeline="sequential", num_calibration_samples=calib_windows.shape[0],
-            max_seq_length=calib_windows.shape[1], shuffle_calibration_samples=False)
-    got = {n: m.weight.detach().clone() for n, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    run(tiny_model_dir, calib_windows, steps, model=model)
+    got = linears(model)
     assert all(torch.equal(got[n], w) for n, w in in_memory.items())
     assert len({round(float((w == 0).float().mean()), 2) for w in got.values()}) > 1
 

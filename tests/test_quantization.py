@@ -18,7 +18,7 @@ from llmcompressor.recipe import Recipe
 from loguru import logger
 
 from dsnot_modifier import DSnoTConfigError, DSnoTModifier
-from test_modifier import COMMON, WeightSpy, assert_untouched, run, run_expecting
+from helpers import COMMON, Spy, assert_untouched, block_zeros, run, run_expecting, save_tiny_llama
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*quant*.yaml")))
 
@@ -55,11 +55,11 @@ def quant_type(quant: QuantizationModifier) -> str:
 
 
 def with_spy_after_dsnot(path):
-    """The recipe's own modifiers, with a WeightSpy between DSnoT and the quantizer."""
+    """The recipe's own modifiers, with a Spy between DSnoT and the quantizer."""
     modifiers = list(Recipe.create_instance(path).modifiers)
     names = [type(m).__name__ for m in modifiers]
     assert names[-2:] == ["DSnoTModifier", "QuantizationModifier"], names
-    spy = WeightSpy()
+    spy = Spy(pruned_only=True)
     return modifiers[:-1] + [spy] + modifiers[-1:], spy, modifiers
 
 
@@ -95,7 +95,7 @@ def test_quant_recipe_keeps_dsnot_zeros(path, tiny_model_dir, calib_windows):
         kept_total += int((left != 0).sum())
         if structure != "0:0":
             n, m = map(int, structure.split(":"))
-            assert bool(((fq == 0).reshape(fq.shape[0], -1, m).sum(-1) >= n).all()), name
+            assert bool((block_zeros(fq, m) >= n).all()), name
     print(f"{os.path.basename(path)}: {extra_total} of {kept_total} kept weights round to zero")
     if quant_type(quant) == "float":
         # FP8 e4m3 spans ~2^17 below a row's largest weight: nothing rounds to zero here,
@@ -108,24 +108,11 @@ def test_quant_recipe_keeps_dsnot_zeros(path, tiny_model_dir, calib_windows):
 
 def test_w4a16_preset_group_128_on_a_wider_model(tmp_path_factory, calib_windows):
     """The stock W4A16 preset (group 128) needs widths that are multiples of 128."""
-    from conftest import VOCAB  # the calibration windows use its token ids
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama-128")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )).save_pretrained(path)
-    vocab = {f"w{i}": i for i in range(1, VOCAB)} | {"[UNK]": 0}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]").save_pretrained(path)
-
-    spy = WeightSpy()
-    model = run(str(path), calib_windows, [
+    # the tokenizer of tiny_model_dir: the calibration windows use its token ids
+    path = save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-128"), hidden_size=128,
+                           intermediate_size=256, num_hidden_layers=1)
+    spy = Spy(pruned_only=True)
+    model = run(path, calib_windows, [
         WandaPruningModifier(sparsity=0.5, mask_structure="0:0", **COMMON), DSnoTModifier(**COMMON),
         spy, QuantizationModifier(scheme="W4A16", **COMMON),
     ])
@@ -165,7 +152,7 @@ def test_quantizer_before_dsnot_warns_and_zeros_still_hold(tiny_model_dir, calib
     messages = []
     sink = logger.add(lambda m: messages.append(str(m)), level="WARNING")
     try:
-        spy = WeightSpy()
+        spy = Spy(pruned_only=True)
         model = run(tiny_model_dir, calib_windows, [
             WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **COMMON),
             QuantizationModifier(scheme="W8A8", **COMMON), DSnoTModifier(**COMMON), spy,

@@ -125,13 +125,15 @@ def test_settings_that_do_not(initial, sparsity, structure, match):
         check_settings(initial, sparsity, structure)
 
 
-@pytest.mark.parametrize("objective, gram_dtype, ok", [
-    ("gram", "float32", True), ("gram", "bfloat16", True), ("mean", "float32", True),
-    ("mean", "bfloat16", False),
+@pytest.mark.parametrize("objective, gram_dtype, update, ok", [
+    ("gram", "float32", False, True), ("gram", "bfloat16", False, True),
+    ("gram", "auto", False, True), ("mean", "float32", False, True),
+    ("mean", "auto", False, True), ("mean", "bfloat16", True, True),
+    ("mean", "bfloat16", False, False),
 ])
-def test_gram_dtype_is_for_the_gram_objective_only(objective, gram_dtype, ok):
+def test_gram_dtype_is_for_the_gram_objective_only(objective, gram_dtype, update, ok):
     if ok:
-        assert check_settings(None, None, None, objective, gram_dtype) == (None, None)
+        assert check_settings(None, None, None, objective, gram_dtype, update) == (None, None)
     else:
-        with pytest.raises(ValueError, match="objective: gram only; remove gram_dtype"):
-            check_settings(None, None, None, objective, gram_dtype)
+        with pytest.raises(ValueError, match=r"objective: gram \(or update_weights\) only; remove gram_dtype"):
+            check_settings(None, None, None, objective, gram_dtype, update)

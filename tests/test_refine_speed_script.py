@@ -5,7 +5,7 @@ import json
 import math
 
 import pytest
-from conftest import load_script
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,44 @@ def test_memory_pass_measures_the_live_tensors_after_the_timings(tmp_path):
         if sys.platform.startswith("linux"):
             assert row["extra_mem_method"] == "rss, mmap threshold 128 KiB"
             assert 1.0 <= row["extra_mem_ratio"] <= 4.0, row
+
+
+def test_syncs_and_update_options_add_their_columns(bench, tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    bench.main(["--shapes", "24x64", "--threads", "1", "--baseline-rows", "4", "--no-memory",
+                "--syncs", "--update", "--json", str(out),
+                "--oneshot-json", str(tmp_path / "missing.json")])
+    data = json.loads(out.read_text())
+    assert len(data) == 4
+    for row in data:
+        # the cycle's one sync (ok.nonzero), counted op by op; CUDA's own count only on CUDA
+        assert row["host_syncs_per_cycle"] == 1 and row["sync_cycles_counted"] >= 1
+        assert row["host_syncs_total"] > row["sync_cycles_counted"]
+        assert row["cuda_syncs_per_cycle"] is None and row["cuda_syncs_total"] is None
+        if row["objective"] == "gram":
+            assert row["update_s"] >= 0 and row["update_status"] in ("updated", "unchanged")
+            assert row["update_extra_mem_ratio"] is None  # CPU: not measured
+        else:
+            assert "update_s" not in row
+    printed = capsys.readouterr().out
+    assert "| host syncs / cycle (most) | CUDA syncs / cycle (most) | update s |" in printed
+
+
+def test_cycle_syncs_sees_a_sync_added_to_a_cycle(bench, monkeypatch):
+    from dsnot_modifier.swaps import _GramObjective
+
+    layer = bench.make_layer(32, 64, seed=2)
+    current, _ = bench.wanda_step(layer["w"], layer["sqnorm"], None)
+    stats = bench._refine_stats(layer, "gram")
+    clean = bench.count_syncs(layer["w"], current, "gram", None, stats)
+    propose = _GramObjective.propose
+
+    def propose_with_item(self):
+        g, p, ok = propose(self)
+        ok.sum().item()  # one more sync in every cycle
+        return g, p, ok
+
+    monkeypatch.setattr(_GramObjective, "propose", propose_with_item)
+    more = bench.count_syncs(layer["w"], current, "gram", None, stats)
+    assert clean["host_syncs_per_cycle"] == 1 and more["host_syncs_per_cycle"] == 2
+    assert _GramObjective.propose is propose_with_item  # put back as it was

@@ -3,7 +3,7 @@ our rule (same errors as refine_mask), and the wider searches never end worse on
 
 import pytest
 import torch
-from conftest import load_script
+from helpers import load_script
 
 from dsnot_modifier.swaps import gram_error, refine_mask
 

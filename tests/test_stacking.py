@@ -11,9 +11,7 @@ import dsnot_modifier.modifier as modifier_module
 import dsnot_modifier.stacking as stacking
 import dsnot_modifier.swaps as swaps
 from dsnot_modifier import DSnoTModifier
-from dsnot_modifier.experiments.pipeline import calibration_dataset
-from test_architectures import COMMON, VOCAB, build, linears, tokenizer
-from llmcompressor import oneshot
+from helpers import COMMON, build, linears, random_windows, run_built
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 
 #: the default bound (the tests patch it)
@@ -36,23 +34,20 @@ class Calls:
         monkeypatch.setattr(modifier_module, "refine_mask", counted)
 
 
-def run(arch, dsnot_kwargs, structure, dtype, limit, monkeypatch, sparsities=None):
+def run_with_limit(arch, dsnot_kwargs, structure, dtype, limit, monkeypatch, directory, sparsities=None):
+    """Prune ``arch`` (Wanda, or DSnoT's own initial mask) and refine with stacks of at
+    most ``limit`` weights (0: every layer alone); the weights, reports, skipped layers
+    and ``refine_mask`` calls. The model's config goes to ``directory``."""
     monkeypatch.setattr(stacking, "STACK_ELEMENTS", limit)
     calls = Calls(monkeypatch)
     model = build(arch).to(dtype)
-    config = f"/tmp/dsnot-stacking-{arch}-config"
-    model.config.save_pretrained(config)  # oneshot reads the config again
-    model.config.name_or_path = config
-    windows = torch.randint(1, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
     dsnot = DSnoTModifier(**dsnot_kwargs, **COMMON)
     recipe = [dsnot]
     if "initial" not in dsnot_kwargs:
         recipe.insert(0, WandaPruningModifier(sparsity=0.5, mask_structure=structure, **COMMON))
     elif sparsities:
         dsnot.set_layer_sparsities(sparsities)
-    oneshot(model=model, processor=tokenizer(), dataset=calibration_dataset(windows), recipe=recipe,
-            pipeline="sequential", num_calibration_samples=2, max_seq_length=64,
-            shuffle_calibration_samples=False, moe_calibrate_all_experts=True)
+    run_built(model, random_windows(2, 64), recipe, directory, moe_calibrate_all_experts=True)
     reports = [{k: v for k, v in dataclasses.asdict(r).items() if k != "seconds"}
                for r in dsnot.report.layers]
     return linears(model), reports, dsnot.report.skipped, calls.calls
@@ -70,11 +65,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("arch, dsnot_kwargs, structure, dtype", CASES)
-def test_stacked_equals_layer_by_layer(arch, dsnot_kwargs, structure, dtype, monkeypatch):
+def test_stacked_equals_layer_by_layer(arch, dsnot_kwargs, structure, dtype, monkeypatch, tmp_path):
     # standalone: q and k of the first layer with sparsities of their own (one stack)
     sparsities = {"model.layers.0.self_attn.q_proj": 0.3, "model.layers.0.self_attn.k_proj": 0.7}
-    alone = run(arch, dsnot_kwargs, structure, dtype, 0, monkeypatch, sparsities)
-    stacked = run(arch, dsnot_kwargs, structure, dtype, DEFAULT_LIMIT, monkeypatch, sparsities)
+    alone = run_with_limit(arch, dsnot_kwargs, structure, dtype, 0, monkeypatch, tmp_path, sparsities)
+    stacked = run_with_limit(arch, dsnot_kwargs, structure, dtype, DEFAULT_LIMIT, monkeypatch, tmp_path, sparsities)
     weights, reports, skipped, calls = stacked
     assert set(weights) == set(alone[0])
     for name, w in weights.items():
@@ -98,13 +93,13 @@ def test_stacked_equals_layer_by_layer(arch, dsnot_kwargs, structure, dtype, mon
         assert sorted(len(s) for s in stacks) == [3, 3, 8, 8]
 
 
-def test_stacks_are_bounded(monkeypatch):
+def test_stacks_are_bounded(monkeypatch, tmp_path):
     """At most STACK_ELEMENTS weights a call: the 4 experts' gate/up in several calls, same result."""
     args = ("qwen3_moe", dict(objective="gram"), "0:0", torch.float32)
-    alone = run(*args, 0, monkeypatch)
-    weights, reports, _, calls = run(*args, SMALL_LIMIT, monkeypatch)
+    alone = run_with_limit(*args, 0, monkeypatch, tmp_path)
+    weights, reports, _, calls = run_with_limit(*args, SMALL_LIMIT, monkeypatch, tmp_path)
     assert all(torch.equal(w, alone[0][n]) for n, w in weights.items())
     assert reports == alone[1]
     assert all(numel <= SMALL_LIMIT for numel, s in calls if s is not None)
     assert len([s for _, s in calls if s is not None and len(s) == 3]) >= 2
-    assert len(alone[3]) > len(calls) > len(run(*args, DEFAULT_LIMIT, monkeypatch)[3])
+    assert len(alone[3]) > len(calls) > len(run_with_limit(*args, DEFAULT_LIMIT, monkeypatch, tmp_path)[3])

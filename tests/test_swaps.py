@@ -27,12 +27,22 @@ def block_zeros(t, m):
     return (t == 0).reshape(t.shape[0], -1, m).sum(-1)
 
 
+def refine_on(device, w, wc, **kwargs):
+    """``refine_mask`` with its tensors on ``device`` (the tests' ``--device``, CPU unless
+    told), the result's weight back on the CPU: on the CPU the very same call."""
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    result = refine_mask(w.to(device), wc.to(device), **moved)
+    assert result.weight.device.type == device.type
+    result.weight = result.weight.cpu()
+    return result
+
+
 @pytest.mark.parametrize("nm", STRUCTURES)
 @pytest.mark.parametrize("objective", ["mean", "gram"])
-def test_matches_plain_per_row_reference(objective, nm):
+def test_matches_plain_per_row_reference(objective, nm, device):
     w, wc, stats = make_layer(nm=nm, seed=1)
     kwargs = dict(max_cycles=30, threshold=1e-3)
-    ours = refine_mask(w, wc, objective=objective, nm=nm, **stats, **kwargs)
+    ours = refine_on(device, w, wc, objective=objective, nm=nm, **stats, **kwargs)
     ref = refine_reference(w, wc, objective, nm, **stats, **kwargs)
     assert ours.swaps > 0
     assert torch.equal(ours.weight, ref)
@@ -40,19 +50,19 @@ def test_matches_plain_per_row_reference(objective, nm):
 
 @pytest.mark.parametrize("sign_check", [True, False])
 @pytest.mark.parametrize("var_power", [0.0, 1.0, 2.0])
-def test_mean_options_match_reference(sign_check, var_power):
+def test_mean_options_match_reference(sign_check, var_power, device):
     w, wc, stats = make_layer(seed=2)
     kwargs = dict(max_cycles=20, threshold=0.0, var_power=var_power, sign_check=sign_check)
-    ours = refine_mask(w, wc, objective="mean", **stats, **kwargs)
+    ours = refine_on(device, w, wc, objective="mean", **stats, **kwargs)
     ref = refine_reference(w, wc, "mean", None, **stats, **kwargs)
     assert torch.equal(ours.weight, ref)
 
 
 @pytest.mark.parametrize("nm", STRUCTURES)
 @pytest.mark.parametrize("objective", ["mean", "gram"])
-def test_exact_zeros_values_and_lower_error(objective, nm):
+def test_exact_zeros_values_and_lower_error(objective, nm, device):
     w, wc, stats = make_layer(rows=64, cols=128, dtype=torch.float32, nm=nm, seed=3)
-    out = refine_mask(w, wc, objective=objective, nm=nm, **stats).weight
+    out = refine_on(device, w, wc, objective=objective, nm=nm, **stats).weight
     # every row keeps its number of zeros; every N:M block its N zeros
     assert torch.equal((out == 0).sum(1), (wc == 0).sum(1))
     if nm is not None:
@@ -72,13 +82,13 @@ def test_exact_zeros_values_and_lower_error(objective, nm):
 
 
 @pytest.mark.parametrize("objective", ["mean", "gram"])
-def test_after_sparsegpt_like_update_kept_values_stay(objective):
+def test_after_sparsegpt_like_update_kept_values_stay(objective, device):
     # SparseGPT changes kept weights and prunes a different number per row
     w, _, stats = make_layer(rows=32, cols=64, dtype=torch.float32, seed=4)
     g = torch.Generator().manual_seed(5)
     mask = torch.rand(w.shape, generator=g) < torch.linspace(0.4, 0.8, w.shape[0]).unsqueeze(1)
     wc = (w + 0.3 * torch.randn(w.shape, generator=g)).masked_fill(mask, 0)
-    res = refine_mask(w, wc, objective=objective, **stats)
+    res = refine_on(device, w, wc, objective=objective, **stats)
     out = res.weight
     assert torch.equal((out == 0).sum(1), (wc == 0).sum(1))
     kept = (out != 0) & (wc != 0)
@@ -96,20 +106,21 @@ def test_after_sparsegpt_like_update_kept_values_stay(objective):
 
 
 @pytest.mark.parametrize("objective", ["mean", "gram"])
-def test_bf16_in_bf16_out_same_decisions_as_float32(objective):
+def test_bf16_in_bf16_out_same_decisions_as_float32(objective, device):
     w, wc, stats = make_layer(rows=32, cols=64, dtype=torch.float32, nm=(2, 4), seed=6)
     wb, wcb = w.bfloat16(), wc.bfloat16()
-    out = refine_mask(wb, wcb, objective=objective, nm=(2, 4), **stats).weight
+    out = refine_on(device, wb, wcb, objective=objective, nm=(2, 4), **stats).weight
     assert out.dtype == torch.bfloat16
-    ref = refine_mask(wb.float(), wcb.float(), objective=objective, nm=(2, 4), **stats).weight
+    ref = refine_on(device, wb.float(), wcb.float(), objective=objective, nm=(2, 4), **stats).weight
     assert torch.equal(out.float(), ref)
     assert bool((block_zeros(out, 4) == 2).all())
 
 
 @pytest.mark.parametrize("objective", ["mean", "gram"])
-def test_deterministic_across_runs_threads_and_chunks(objective):
+def test_deterministic_across_runs_threads_and_chunks(objective, device):
     w, wc, stats = make_layer(rows=96, cols=128, dtype=torch.float32, seed=7)
-    stats = {k: v.float() for k, v in stats.items()}
+    w, wc = w.to(device), wc.to(device)
+    stats = {k: v.float().to(device) for k, v in stats.items()}
     first = refine_mask(w, wc, objective=objective, **stats).weight
     threads = torch.get_num_threads()
     try:
@@ -123,37 +134,38 @@ def test_deterministic_across_runs_threads_and_chunks(objective):
     assert torch.equal(first, chunked)
 
 
-def test_zero_variance_and_dead_columns_are_handled():
+def test_zero_variance_and_dead_columns_are_handled(device):
     w, wc, stats = make_layer(seed=8)
     stats["var"][:4] = 0.0  # constant inputs
     stats["mean"][4:8] = 0.0  # dead inputs
     stats["var"][4:8] = 0.0
     stats["sqnorm"][4:8] = 0.0
-    res = refine_mask(w, wc, objective="mean", **stats, threshold=0.0)
+    res = refine_on(device, w, wc, objective="mean", **stats, threshold=0.0)
     assert torch.isfinite(res.weight).all()
     assert torch.equal((res.weight == 0).sum(1), (wc == 0).sum(1))
     assert torch.equal(res.weight, refine_reference(w, wc, "mean", **stats, threshold=0.0))
 
 
-def test_dense_exact_zeros_never_grown_and_counts_kept():
+def test_dense_exact_zeros_never_grown_and_counts_kept(device):
     w, wc, stats = make_layer(seed=9)
     w[:, :3] = 0.0  # a checkpoint's own zeros: pruned or kept, they stay zero
     wc = wc.clone()
     wc[:, :3] = 0.0
     for objective in ("mean", "gram"):
-        out = refine_mask(w, wc, objective=objective, **stats).weight
+        out = refine_on(device, w, wc, objective=objective, **stats).weight
         assert torch.equal((out == 0).sum(1), (wc == 0).sum(1))
 
 
-def test_no_cycles_or_high_threshold_changes_nothing():
+def test_no_cycles_or_high_threshold_changes_nothing(device):
     w, wc, stats = make_layer(seed=10)
-    assert torch.equal(refine_mask(w, wc, objective="gram", max_cycles=0, **stats).weight, wc)
-    res = refine_mask(w, wc, objective="mean", threshold=1e9, **stats)
+    assert torch.equal(refine_on(device, w, wc, objective="gram", max_cycles=0, **stats).weight, wc)
+    res = refine_on(device, w, wc, objective="mean", threshold=1e9, **stats)
     assert res.swaps == 0 and torch.equal(res.weight, wc)
 
 
-def test_inputs_are_not_modified():
+def test_inputs_are_not_modified(device):
     w, wc, stats = make_layer(seed=11)
+    w, wc, stats = w.to(device), wc.to(device), {k: v.to(device) for k, v in stats.items()}
     w0, wc0 = w.clone(), wc.clone()
     refine_mask(w, wc, objective="gram", **stats)
     refine_mask(w, wc, objective="mean", **stats)
@@ -181,7 +193,7 @@ def _same_result(a, b):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 @pytest.mark.parametrize("objective", ["mean", "gram"])
-def test_stacked_segments_equal_separate_calls(objective, nm, dtype, monkeypatch):
+def test_stacked_segments_equal_separate_calls(objective, nm, dtype, monkeypatch, device):
     """Layers sharing statistics refined in one call (``segments``): each segment's
     weight, swaps and errors are bit for bit those of the layer's own call, with
     chunks cut inside the layers (a stacked call's chunks would straddle them), rows
@@ -201,8 +213,9 @@ def test_stacked_segments_equal_separate_calls(objective, nm, dtype, monkeypatch
         span = 8 if dtype == torch.float16 else 40
         scales = [2.0 ** torch.randint(-span, span + 1, (w.shape[0], 1), generator=g)
                   for w, _, _ in layers]
-        layers = [((w * k).to(dtype), (wc * k).to(dtype), s) for (w, wc, s), k in zip(layers, scales)]
-        stats = {k: v.float() for k, v in layers[0][2].items()}  # one set of statistics
+        layers = [((w * k).to(device, dtype), (wc * k).to(device, dtype), s)
+                  for (w, wc, s), k in zip(layers, scales)]
+        stats = {k: v.float().to(device) for k, v in layers[0][2].items()}  # one set of statistics
         for chunk_rows in (None, 16):
             kwargs = dict(objective=objective, nm=nm, chunk_rows=chunk_rows, max_cycles=12, **stats)
             alone = [refine_mask(w, wc, **kwargs) for w, wc, _ in layers]
@@ -233,7 +246,7 @@ def test_stacked_segments_equal_separate_calls(objective, nm, dtype, monkeypatch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_or_inf_is_where_with_inf(dtype):
+def test_or_inf_is_where_with_inf(dtype, device):
     from dsnot_modifier._kernels import or_inf
 
     g = torch.Generator().manual_seed(0)
@@ -243,6 +256,7 @@ def test_or_inf_is_where_with_inf(dtype):
     x[2, :4] = torch.finfo(dtype).max
     x[3, :4] = torch.finfo(dtype).tiny / 4  # subnormal
     keep = torch.rand(7, 33, generator=g) < 0.5
+    x, keep = x.to(device), keep.to(device)
     got = or_inf(keep, x)
     assert got.dtype == dtype
     assert torch.equal(got, torch.where(keep, x, float("inf")))
@@ -261,7 +275,7 @@ def test_or_inf_into_given_buffers_is_the_same():
 
 
 @pytest.mark.parametrize("m", [2, 3, 4, 8, 16])
-def test_blocks_without_kept_reads_every_block(m):
+def test_blocks_without_kept_reads_every_block(m, device):
     """The integer view of M bools finds exactly the all-pruned blocks (and the plain
     `all` does for other M or layouts)."""
     from dsnot_modifier.swaps import _blocks_without_kept
@@ -271,10 +285,11 @@ def test_blocks_without_kept_reads_every_block(m):
     pruned = torch.rand(rows, blocks * m, generator=g) < 0.5
     pruned.view(rows, blocks, m)[torch.rand(rows, blocks, generator=g) < 0.3] = True
     pruned.view(rows, blocks, m)[:, 0, : m - 1] = True  # one kept weight only: not empty
+    pruned = pruned.to(device)
     want = pruned.view(rows, blocks, m).all(-1, keepdim=True)
     assert want.any() and not want.all()
     assert torch.equal(_blocks_without_kept(pruned, m), want)
-    wide = torch.zeros(rows, blocks * m + 1, dtype=torch.bool)
+    wide = torch.zeros(rows, blocks * m + 1, dtype=torch.bool, device=device)
     wide[:, 1:] = pruned  # a view at an odd offset: the plain path
     assert torch.equal(_blocks_without_kept(wide[:, 1:], m), want)
 
@@ -295,3 +310,30 @@ def test_reused_buffers_give_the_same_result_bit_for_bit(nm, sign_check, monkeyp
     fresh = refine_mask(w, wc, **kw)
     assert fresh.swaps > 0
     assert _same_result(reused, fresh)
+
+
+@pytest.mark.parametrize("objective", ["mean", "gram"])
+def test_products_run_in_full_float32_whatever_the_caller_set(objective, monkeypatch, device):
+    """A caller's ``set_float32_matmul_precision("high")`` (TF32 on CUDA, bfloat16 passes on
+    CPU) does not reach DSnoT's products; the caller's setting is back after."""
+    import dsnot_modifier.swaps as swaps
+
+    seen = []
+    original = swaps._refine
+
+    def recording(*args, **kwargs):
+        seen.append((torch.get_float32_matmul_precision(),
+                     torch.backends.cuda.matmul.allow_tf32))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(swaps, "_refine", recording)
+    w, wc, stats = make_layer(seed=21)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        result = refine_on(device, w, wc, objective=objective, **stats)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert seen == [("highest", False)]
+    assert torch.equal(result.weight, refine_on(device, w, wc, objective=objective, **stats).weight)

@@ -172,8 +172,8 @@ def checkpoints(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def prompts(checkpoints) -> list[list[int]]:
     """Token ids (the same ids go to vLLM and to transformers)."""
-    from dsnot_modifier.experiments.data import EVAL_TEXT, eval_windows
-    from dsnot_modifier.experiments.pipeline import load_tokenizer
+    from dsnot_harness.data import EVAL_TEXT, eval_windows
+    from dsnot_harness.pipeline import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoints["checkpoints"]["float32"]["path"])
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in TEXT_PROMPTS]
@@ -395,7 +395,7 @@ def test_quantized_loads_generates_and_stays_close_to_transformers(vllm_runs, hf
 @pytest.mark.vllm
 def test_openai_server_greedy_completion(vllm_python, checkpoints, hf_runs, prompts, tmp_path):
     """examples/serve_vllm.py --mode server: loopback server, /v1/completions, stopped after."""
-    from dsnot_modifier.experiments.pipeline import load_tokenizer
+    from dsnot_harness.pipeline import load_tokenizer
 
     path = checkpoints["checkpoints"]["float32"]["path"]
     out = tmp_path / "server.json"

@@ -3,7 +3,10 @@ The speed primitives that :mod:`dsnot_modifier.swaps` calls: intra-op thread cap
 for CPU, row-wise minima, top-k's and sorts that vectorise on CPU where torch's own
 do not, a float-bit trick for masked +inf, and the tie fixes that keep the top-k's
 exactly equal to a stable sort. Each returns what the plain torch expression in its
-docstring returns, bit for bit; none of them knows the algorithm.
+docstring returns, bit for bit; none of them knows the algorithm. The CPU-tuned ones
+run their tuned steps on CPU only: on any other device they are that one torch op.
+:func:`full_precision` pins the matrix products to full float32 for their duration.
+No function here leaves a process-wide setting changed.
 
 Plain torch; nothing here imports llm-compressor.
 """
@@ -19,6 +22,7 @@ __all__ = [
     "INF",
     "threads",
     "at_most_threads",
+    "full_precision",
     "block_columns",
     "take",
     "argmin_rows",
@@ -33,10 +37,9 @@ __all__ = [
 #: on CPU, at most one intra-op thread per this many weights: of the layer for the
 #: whole refinement, of the chunk for its cycles. Below it an operation takes well
 #: under a millisecond and a second thread costs more than it brings (and waits for
-#: a core when the cores are shared). Measured alone on the 2-core VM (BENCHMARKS.md),
-#: 2^18 against the former 2^22: SmolLM2's 1536×576 layers refined 1.5-1.6× faster
-#: with two threads, 3072×576 (gate and up stacked) 1.3-1.9×, the results bit for bit
-#: the same (products run with the caller's threads, see :func:`threads`)
+#: a core when the cores are shared). Measured against a larger value in BENCHMARKS.md
+#: (whole cost, the speed cuts kept); the results are bit for bit the same whatever it
+#: is (products run with the caller's threads, see :func:`threads`)
 ELEMENTS_PER_THREAD = 1 << 18
 
 #: parts the columns are split into by the two-stage top-k (:func:`topk_rows`)
@@ -71,6 +74,45 @@ def at_most_threads(n: int | None):
     return threads(n, at_most=True)
 
 
+#: the backends whose float32 matrix products torch may run in lower precision
+_MATMUL_BACKENDS = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+
+
+@contextlib.contextmanager
+def full_precision():
+    """
+    Run float32 matrix products in full float32: no TF32 on CUDA, no bfloat16 passes
+    on CPU, whatever the caller set (``torch.set_float32_matmul_precision("high")``
+    is common in training scripts, and turns the products' rounding from 2⁻²⁴ into
+    TF32's 2⁻¹¹). The caller's settings are back after, also on an exception.
+    """
+    before = _matmul_settings()
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        _restore_matmul_settings(before)
+
+
+def _matmul_settings() -> tuple[str | None, list[str]]:
+    """torch's float32 matmul precision (None if unreadable) and each backend's own."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller mixed torch's old and new precision settings
+        legacy = None
+    return legacy, [backend.fp32_precision for backend in _MATMUL_BACKENDS]
+
+
+def _restore_matmul_settings(settings: tuple[str | None, list[str]]):
+    legacy, per_backend = settings
+    if legacy is not None:
+        torch.set_float32_matmul_precision(legacy)
+    # the backends' own last: they are what the products read, exactly as before
+    for backend, value in zip(_MATMUL_BACKENDS, per_backend):
+        backend.fp32_precision = value
+
+
 def block_columns(g: torch.Tensor, m: int) -> torch.Tensor:
     """Columns of the N:M block that holds column ``g`` of each row: ``[rows, m]``."""
     return (g // m * m).unsqueeze(1) + torch.arange(m, device=g.device)
@@ -87,7 +129,10 @@ def argmin_rows(x: torch.Tensor) -> torch.Tensor:
     every row), in two steps that vectorise on CPU where argmin does not: the
     minimum of every block of columns, then the first block that holds the row's
     minimum, then the first minimum inside that block. Same result, NaN included.
+    Off CPU: ``x.argmin(1)`` (one kernel).
     """
+    if x.device.type != "cpu":
+        return x.argmin(1)
     rows, cols = x.shape
     for size in _ARGMIN_BLOCKS:
         if cols % size == 0 and cols >= 2 * size:
@@ -111,9 +156,10 @@ def or_inf(keep: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None,
     integers, so the result is the integer maximum of ``x``'s bits and those of +inf
     where ``keep`` is false (0 where it is true). ``out`` (like ``x``) receives the
     result and ``scratch`` (like ``x``) the penalty, if given; ``keep`` is overwritten
-    then.
+    then. Off CPU: ``torch.where(keep, x, inf)`` (one kernel; ``out`` and ``scratch``
+    unused, the result is the returned tensor).
     """
-    if x.dtype not in _BITS:
+    if x.dtype not in _BITS or x.device.type != "cpu":
         return torch.where(keep, x, INF)
     itype, inf_bits = _BITS[x.dtype]
     if scratch is None:
@@ -135,16 +181,12 @@ class Workspace:
     first; above 32 MiB always). Off (``reuse=False``: accelerators, whose caching
     allocators reuse blocks already) it hands out fresh tensors.
 
-    Two users: the chunks of one ``refine_mask`` call (measured on 4096×4096 at
-    1 thread, fresh temporaries were 40% of ``mean``'s 2:4 refinement: 574 ms with
-    glibc's defaults, 323 ms when its heap never gives memory back), and the CPU
-    updates of the input statistics, batch after batch (one per
-    :class:`~dsnot_modifier.stats.SharedInputs`, cleared at every epoch end;
-    2 threads, one update, 2026-12-02: a [1, 4096, 4096] batch, Llama-7B's width,
-    161 ms fresh against 40 ms reused in bfloat16, 104 against 35 ms in float32;
-    SmolLM2's [1, 512, 1536] 4.6 against 0.96 ms alone, no difference inside its
-    oneshot, whose heap keeps such small blocks). Results are the same values as
-    with fresh tensors.
+    Two users: the chunks of one ``refine_mask`` call, and the CPU updates of the
+    input statistics, batch after batch (one per
+    :class:`~dsnot_modifier.stats.SharedInputs`, cleared at every epoch end). What
+    it saves on large layers and batches is in BENCHMARKS.md (whole cost, the speed
+    cuts kept). Results are the same values as with fresh tensors. Requests for a
+    device other than the CPU always get fresh tensors.
     """
 
     def __init__(self, reuse: bool):
@@ -153,7 +195,7 @@ class Workspace:
 
     def take(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
         """A tensor of ``shape`` and ``dtype`` on ``device``; its contents are undefined."""
-        if not self.reuse:
+        if not self.reuse or torch.device(device).type != "cpu":
             return torch.empty(shape, dtype=dtype, device=device)
         numel = 1
         for n in shape:
@@ -196,11 +238,13 @@ def topk_rows(key: torch.Tensor, k: int, largest: bool):
     the j-th column of every run, and its best entry is an elementwise max over the
     runs. Take the k best groups, then the k best of their entries. That finds the
     same values: an entry outside those groups is no better than k entries inside
-    them (their groups' best), so it can at most tie with the k-th value.
+    them (their groups' best), so it can at most tie with the k-th value. Off CPU:
+    ``torch.topk`` in one stage.
     """
     rows, cols = key.shape
     parts = _TOPK_PARTS
-    if cols % parts or cols // parts < 4 * k or not key.is_contiguous():
+    if (key.device.type != "cpu" or cols % parts or cols // parts < 4 * k
+            or not key.is_contiguous()):
         return torch.topk(key, k, dim=1, largest=largest)
     width = cols // parts
     split = key.view(rows, parts, width)

@@ -7,7 +7,7 @@ Checkpoints of DSnoT-pruned models: save them safely, and check them.
   directory, never a half-written ``NAME``. An existing directory is replaced only
   with ``overwrite=True``.
 - :func:`verify_checkpoint` (the command ``dsnot verify PATH``, in
-  :mod:`dsnot_modifier.experiments.cli`) reads the safetensors files of
+  :mod:`dsnot_modifier.cli`) reads the safetensors files of
   a saved checkpoint (never pickles) and checks every layer of ``dsnot_report.json``:
   its zeros (a float, int8 or FP8 zero in the stored weight; packed int4 weights are
   decompressed with compressed-tensors first), its N:M structure, and its number of
@@ -19,11 +19,8 @@ are reported, not refused. Failures: fewer zeros than the report counts (pruned
 weights made non-zero again, e.g. by GPTQ), an N:M block with fewer than N zeros, a
 dense (unquantized) layer whose number of zeros differs from the report's, a layer
 of the report missing from the checkpoint or of another shape, and a zero mask
-other than the report's digest of it (when the stored layer holds exactly the
-report's number of zeros; reports made before the digest have none, and for them a
-swap of one zero for another that keeps every count and block is not detectable).
-Digests of both versions are checked: ``v2`` (computed on the device, see
-:mod:`dsnot_modifier.masks`) and the earlier blake2b ones.
+other than the report's digest of it (:mod:`dsnot_modifier.digest`), checked when the
+stored layer holds exactly the report's number of zeros.
 """
 
 from __future__ import annotations
@@ -45,9 +42,10 @@ from dsnot_modifier.masks import (
     format_structure,
     infer_structure,
     parse_mask_structure,
-    zero_mask_matches,
 )
-from dsnot_modifier.report import REPORT_FILE_NAME, read_report
+from dsnot_modifier.digest import zero_mask_matches
+from dsnot_modifier.report import REPORT_FILE_NAME, read_report, umask_permissions
+from dsnot_modifier.upstream import is_compressor_save
 
 __all__ = [
     "CheckpointError",
@@ -56,6 +54,7 @@ __all__ = [
     "save_checkpoint",
     "verify_checkpoint",
     "read_zero_mask",
+    "CheckpointTensors",
 ]
 
 RECIPE_FILE_NAME = "recipe.yaml"
@@ -95,7 +94,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-class _Tensors:
+class CheckpointTensors:
     """Name -> tensor over the safetensors files of a checkpoint, read lazily."""
 
     def __init__(self, path: Path):
@@ -116,6 +115,10 @@ class _Tensors:
 
     def __contains__(self, key: str) -> bool:
         return key in self._where
+
+    def keys(self) -> list[str]:
+        """The names of the tensors, over all the files."""
+        return list(self._where)
 
     def get(self, key: str) -> torch.Tensor:
         file = self._where[key]
@@ -167,7 +170,7 @@ def _scheme_for(name: str, quant_config: dict | None):
 
 
 def read_zero_mask(
-    tensors: _Tensors, name: str, quant_config: dict | None = None
+    tensors: CheckpointTensors, name: str, quant_config: dict | None = None
 ) -> tuple[torch.Tensor, str] | None:
     """
     The zeros of layer ``name``'s stored weight, as a bool ``[rows, cols]`` mask, and
@@ -199,7 +202,7 @@ def read_zero_mask(
         prefix = f"{name}."
         local = {
             key[len(prefix):]: tensors.get(key)
-            for key in tensors._where
+            for key in tensors.keys()
             if key.startswith(prefix) and "." not in key[len(prefix):]
         }
         try:
@@ -330,7 +333,7 @@ def _found_structure(zero: torch.Tensor, nm: tuple[int, int] | None) -> str:
     return format_structure(infer_structure((~zero).to(torch.float32)))
 
 
-def _check_layer(entry: dict, tensors: _Tensors, quant_config: dict | None) -> LayerCheck:
+def _check_layer(entry: dict, tensors: CheckpointTensors, quant_config: dict | None) -> LayerCheck:
     name = entry["name"]
     nm = _parse_structure(entry["structure"], f"{REPORT_FILE_NAME}, {name}")
     before, after = entry.get("error_before"), entry.get("error_after")
@@ -403,7 +406,7 @@ def verify_checkpoint(path: str | os.PathLike) -> VerifyResult:
             quant_config = json.loads(config_file.read_text()).get("quantization_config")
         except ValueError as err:
             raise CheckpointError(f"{config_file} is not valid JSON ({err}); re-save the checkpoint") from None
-    tensors = _Tensors(path)
+    tensors = CheckpointTensors(path)
     result = VerifyResult(
         path=str(path),
         quantization=(quant_config or {}).get("format", "dense") if quant_config else "dense",
@@ -424,19 +427,48 @@ def _source_dir(model) -> Path | None:
     return None
 
 
-def _fsync_tree(directory: Path):
-    for root, _dirs, files in os.walk(directory):
+def _settle_tree(directory: Path):
+    """The permissions the umask gives (the writers make some files private), then fsync."""
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            umask_permissions(os.path.join(root, name))
         for name in files:
+            umask_permissions(os.path.join(root, name))
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    umask_permissions(directory)
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _check_destination(path: Path, source: Path | None, overwrite: bool):
+    """``path`` may be written: outside the input model's directory, and new or (with
+    ``overwrite``) a model checkpoint directory."""
+    if source is not None and (path == source or source in path.parents or path in source.parents):
+        raise CheckpointError(
+            f"{path} overlaps the input model's directory {source}; the input model's files "
+            "are never written: choose a directory outside it"
+        )
+    if not path.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; pass overwrite=True to replace it, or choose another path"
+        )
+    if not path.is_dir() or (
+        any(path.iterdir())
+        and not ((path / "config.json").is_file() or (path / REPORT_FILE_NAME).is_file())
+    ):
+        raise CheckpointError(
+            f"{path} exists and is not a model checkpoint directory, so overwrite=True "
+            "will not replace it; remove it yourself or choose another path"
+        )
 
 
 def save_checkpoint(
@@ -474,30 +506,12 @@ def save_checkpoint(
         report is available, or the written checkpoint fails verification
     """
     path = Path(path).resolve()
-    source = _source_dir(model)
-    if source is not None and (path == source or source in path.parents or path in source.parents):
-        raise CheckpointError(
-            f"{path} overlaps the input model's directory {source}; the input model's files "
-            "are never written: choose a directory outside it"
-        )
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(
-                f"{path} already exists; pass overwrite=True to replace it, or choose another path"
-            )
-        if not path.is_dir() or (
-            any(path.iterdir())
-            and not ((path / "config.json").is_file() or (path / REPORT_FILE_NAME).is_file())
-        ):
-            raise CheckpointError(
-                f"{path} exists and is not a model checkpoint directory, so overwrite=True "
-                "will not replace it; remove it yourself or choose another path"
-            )
+    _check_destination(path, _source_dir(model), overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     try:
         save = model.save_pretrained
-        if getattr(save, "_overridden", False):  # llm-compressor's (maybe DSnoT's on top)
+        if is_compressor_save(save):  # llm-compressor's (maybe DSnoT's on top)
             save(str(tmp), save_compressed=save_compressed)
         else:
             save(str(tmp))
@@ -517,7 +531,7 @@ def save_checkpoint(
                     "the checkpoint written does not hold what its DSnoT report states; "
                     f"nothing was saved at {path}:\n{result.table()}"
                 )
-        _fsync_tree(tmp)
+        _settle_tree(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             os.replace(path, old / "checkpoint")

@@ -1,6 +1,6 @@
 """
-DSnoT under ``torchrun``: the distributed epoch (:func:`refine_across_ranks`:
-describe, agree, assign, sum the statistics, refine or receive, verify), and its
+DSnoT under ``torchrun``: the distributed epoch (:class:`RankWork`: describe,
+agree, sum the statistics, assign, refine or receive, verify), and its
 parts: collectives with a timeout, layer assignment, digests that let the ranks
 check they agree, and writing a weight received from another rank into this
 rank's (possibly offloaded) copy of a layer.
@@ -19,19 +19,16 @@ from typing import Any, Callable, Hashable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
+from compressed_tensors.distributed import is_distributed
 from compressed_tensors.offload import disable_onloading, update_offload_parameter
-from compressed_tensors.offload.cache import (
-    DistributedCPUCache,
-    DistributedDiskCache,
-    OffloadCache,
-)
 from compressed_tensors.utils import align_module_device
 from loguru import logger
 
 from dsnot_modifier.errors import FIX_DISTRIBUTED, DSnoTConfigError, DSnoTDistributedError
-from dsnot_modifier.masks import tensor_digest, tensor_digests
+from dsnot_modifier.digest import tensor_digest, tensor_digests
 from dsnot_modifier.report import LayerReport, SkippedLayer
 from dsnot_modifier.stats import InputStats, LayerState
+from dsnot_modifier.upstream import offload_cache, onloaded_copy, shares_offload
 
 
 __all__ = [
@@ -39,7 +36,7 @@ __all__ = [
     "RankGroup",
     "world_size",
     "make_group",
-    "refine_across_ranks",
+    "RankWork",
     "describe_layers",
     "agreed_layers",
     "layer_cost",
@@ -55,9 +52,7 @@ DEFAULT_TIMEOUT = 1800.0
 
 def world_size() -> int:
     """Number of ranks of the default process group (1 if not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 class RankGroup:
@@ -67,6 +62,13 @@ class RankGroup:
     with :class:`DSnoTDistributedError` instead of waiting forever. Tensors go
     through a group of the default backend (NCCL on GPUs, Gloo on CPUs), Python
     objects through a Gloo group.
+
+    Under NCCL, the tensor collectives are waited on from the host with the same
+    timeout (``Work.wait``), so that a dead peer raises here too. Where NCCL's own
+    watchdog sees the timeout first, it ends the process instead (torch's
+    ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, on by default): the job stops within the
+    timeout all the same, with NCCL's message in the log rather than this one (see
+    docs/distributed-and-offload.md).
 
     Every rank must create the group and call its collectives in the same order.
 
@@ -102,7 +104,11 @@ class RankGroup:
 
     def broadcast_(self, tensor: torch.Tensor, src: int, what: str):
         """Send ``tensor`` from rank ``src`` into ``tensor`` of every other rank."""
-        self.run(what, dist.broadcast, tensor, src=src, group=self.group)
+        def broadcast():
+            work = dist.broadcast(tensor, src=src, group=self.group, async_op=True)
+            work.wait(timedelta(seconds=self.timeout))
+
+        self.run(what, broadcast)
 
     def all_gather_object(self, obj: Any, what: str) -> list[Any]:
         """``obj`` of every rank, in rank order (picklable objects)."""
@@ -186,12 +192,6 @@ def assign_layers(
     return {item: owners[item] for item in costs}
 
 
-def _shares_offload(module: torch.nn.Module) -> bool:
-    """The module's weight is offloaded to storage shared by all ranks (shared CPU
-    memory or disk files made by compressed-tensors in a distributed run)."""
-    return isinstance(module._parameters, (DistributedCPUCache, DistributedDiskCache))
-
-
 def receive_weight(module: torch.nn.Module, weight: torch.Tensor):
     """
     Write ``weight``, which another rank (the layer's owner) computed, wrote and
@@ -200,13 +200,12 @@ def receive_weight(module: torch.nn.Module, weight: torch.Tensor):
     copy (a device copy, or one read from disk, kept while offloading is disabled)
     is refreshed. Otherwise this rank's copy is written as the owner's was.
     """
-    if not _shares_offload(module):
+    if not shares_offload(module):
         update_offload_parameter(module, "weight", weight)
         return
-    cache = module._parameters
     with disable_onloading():
-        offloaded = cache["weight"]
-    onloaded = OffloadCache.keep_onloaded_values.get(offloaded)
+        offloaded = offload_cache(module)["weight"]
+    onloaded = onloaded_copy(offloaded)
     if onloaded is not None and onloaded.data_ptr() != offloaded.data_ptr():
         with torch.no_grad():
             onloaded.copy_(weight)
@@ -220,66 +219,114 @@ def receive_weight(module: torch.nn.Module, weight: torch.Tensor):
 Refine = Callable[[dict[torch.nn.Module, LayerState]], "dict[torch.nn.Module, LayerReport | SkippedLayer]"]
 
 
-def refine_across_ranks(
-    group: RankGroup,
-    layers: dict[torch.nn.Module, LayerState],
-    names: dict[torch.nn.Module, str],
-    refine: Refine,
-    new_stats: Callable[[torch.nn.Module, int], InputStats],
-    *,
-    objective: str,
-    loads: list[float],
-    refine_all: bool = False,
-    first: bool = False,
-    track: Callable[[], None] = lambda: None,
-) -> dict[str, tuple[LayerReport | SkippedLayer, int]]:
+class RankWork:
     """
-    One subgraph's refinement spread over the ranks (every rank calls the same
-    collectives in the same order; a failure on one rank reaches all of them):
+    DSnoT's work under ``torchrun`` for one calibration: its process group, the work
+    each rank has done so far (the next subgraph's layers balance it) and the rank
+    that refined each layer. One subgraph's refinement (:meth:`refine`), every rank
+    calling the same collectives in the same order, a failure on one rank reaching
+    all of them:
 
-    1. every rank describes the layers it calibrated (digests of the dense
-       snapshot, of the current weight and of its zero mask); all must agree;
-    2. the layers to refine go to the ranks, greedy by cost, balance carried over
-       from the subgraphs before (``loads``), each to a rank that calibrated it;
-    3. the statistics are summed over the ranks (all_reduce, one per group of
-       layers sharing an input);
-    4. each rank refines its layers with ``refine`` and writes them; failures are
-       shared. Layers are assigned one by one; a rank refines those of its layers
-       that share statistics stacked (:mod:`.stacking`), which gives each layer the
-       result it would get alone, so the assignment and the weights do not depend
-       on the stacking;
-    5. the owners broadcast the refined weights, the others write them in;
-    6. all ranks check they hold the same refined weights.
-
-    :param layers: this rank's calibrated layers of the subgraph, in forward order;
-        emptied (their state is freed as the work goes)
-    :param names: module -> name, for every target layer of the model
-    :param refine: refines this rank's layers (see :data:`Refine`)
-    :param new_stats: empty statistics for a layer this rank never ran (module, columns)
-    :param objective: the objective, for the cost of a layer
-    :param refine_all: refine the layers no earlier pruner pruned too (``initial``)
-    :param first: the first subgraph of the run (warn if all ranks saw the same data)
-    :param track: called once the statistics of every layer are held (memory accounting)
-    :return: name -> (report, owner rank) of every layer refined or left alone
-        (a SkippedLayer, not broadcast), in forward order
+    1. every rank describes the layers it calibrated (digests of the dense snapshot,
+       of the current weight and of its zero mask); all must agree;
+    2. the statistics are summed over the ranks (all_reduce, one per group of layers
+       sharing an input; a rank that never ran a layer adds zeros);
+    3. the layers to refine go to the ranks, greedy by cost, balanced with the
+       subgraphs before, each to a rank that calibrated it (:func:`assign_layers`);
+    4. each rank refines its layers and writes them (stacked, :mod:`.stacking`: each
+       layer gets the result it would get alone, so neither the assignment nor the
+       weights depend on the stacking); failures are shared;
+    5. the owners broadcast the refined weights, the others write them in, and all
+       ranks check that they hold the same refined weights.
     """
-    by_name = {name: module for module, name in names.items()}
-    gathered = group.all_gather_object(
-        describe_layers(layers, names), "comparing the layers the ranks calibrated"
-    )
-    agreed, seen_by = agreed_layers(gathered)
-    if first and gathered[0] and all(
-        [e["inputs"] for e in summary] == [e["inputs"] for e in gathered[0]]
-        for summary in gathered
-    ):
-        logger.warning(
-            f"DSnoT: all {group.world_size} ranks calibrated on exactly the same inputs, "
-            "so the run uses 1/world_size of the samples asked for. llm-compressor 0.14 "
-            "hands every rank the same first samples when all ranks pass the same "
-            "dataset: pass each rank its own shard instead (e.g. dataset[start:end] with "
-            "start, end = n*rank//world, n*(rank+1)//world)"
+
+    def __init__(self, group: RankGroup):
+        self.group = group
+        self.loads = [0.0] * group.world_size
+        self.owners: dict[str, int] = {}
+
+    def refine(
+        self,
+        layers: dict[torch.nn.Module, LayerState],
+        names: dict[torch.nn.Module, str],
+        refine: Refine,
+        new_stats: Callable[[torch.nn.Module, int], InputStats],
+        *,
+        objective: str,
+        refine_all: bool = False,
+        track: Callable[[], None] = lambda: None,
+    ) -> dict[str, tuple[LayerReport | SkippedLayer, int]]:
+        """
+        Refine one subgraph's layers over the ranks.
+
+        :param layers: this rank's calibrated layers of the subgraph, in forward order;
+            emptied (their state is freed as the work goes)
+        :param names: module -> name, for every target layer of the model
+        :param refine: refines this rank's layers (see :data:`Refine`)
+        :param new_stats: empty statistics for a layer this rank never ran (module, columns)
+        :param objective: the objective, for the cost of a layer
+        :param refine_all: refine the layers no earlier pruner pruned too (``initial``)
+        :param track: called once the statistics of every layer are held (memory accounting)
+        :return: name -> (report, owner rank) of every layer refined or left alone
+            (a SkippedLayer, not broadcast), in forward order
+        """
+        group = self.group
+        by_name = {name: module for module, name in names.items()}
+        agreed, seen_by = self._agreed(layers, names)
+        todo = [name for name, entry in agreed.items() if entry["pruned"] or refine_all]
+        costs = {name: layer_cost(agreed[name]["shape"], objective) for name in todo}
+        owners = assign_layers(costs, self.loads, allowed=seen_by)
+        mine = [name for name in todo if owners[name] == group.rank]
+        logger.debug(f"DSnoT rank {group.rank} refines {mine or 'no layer of this subgraph'}")
+        own = _summed_statistics(group, agreed, layers, by_name, new_stats, todo, mine, track)
+
+        reports, error = {}, None
+        try:
+            reports = {names[module]: report for module, report in refine(own).items()}
+        except Exception as err:  # noqa: BLE001 - shared with the other ranks below
+            error = err
+        own.clear()
+        group.agree(error, "refining its layers")
+        for gathered in group.all_gather_object(reports, "sharing the layer reports"):
+            reports.update(gathered)
+
+        # the layers refined (a layer left alone, e.g. with too few tokens, is as it was)
+        written = [name for name in todo if isinstance(reports.get(name), LayerReport)]
+        _share_weights(group, {name: by_name[name] for name in written}, owners)
+        self.owners.update({name: owners[name] for name in written})
+        return {name: (reports[name], owners[name]) for name in todo if name in reports}
+
+    def _agreed(self, layers, names) -> tuple[dict, dict]:
+        """The layers of the subgraph as all ranks agree on them (:func:`agreed_layers`);
+        at the first subgraph, a warning if every rank saw the same inputs."""
+        group = self.group
+        gathered = group.all_gather_object(
+            describe_layers(layers, names), "comparing the layers the ranks calibrated"
         )
-    # the statistics of every group of layers sharing an input (empty if this rank
+        if not self.owners and gathered[0] and all(
+            [e["inputs"] for e in summary] == [e["inputs"] for e in gathered[0]]
+            for summary in gathered
+        ):
+            logger.warning(
+                f"DSnoT: all {group.world_size} ranks calibrated on exactly the same inputs, "
+                "so the run uses 1/world_size of the samples asked for. llm-compressor 0.14 "
+                "hands every rank the same first samples when all ranks pass the same "
+                "dataset: pass each rank its own shard instead (e.g. dataset[start:end] with "
+                "start, end = n*rank//world, n*(rank+1)//world)"
+            )
+        return agreed_layers(gathered)
+
+    def destroy(self):
+        """Close the process group (the owners stay readable)."""
+        self.group.destroy()
+
+
+def _summed_statistics(group, agreed, layers, by_name, new_stats, todo, mine, track) -> dict:
+    """
+    The statistics of the layers to refine summed over the ranks; this rank's own
+    layers (``mine``) with their dense weight and summed statistics. Empties ``layers``.
+    """
+    # one set of statistics per group of layers sharing an input (empty if this rank
     # never ran it: it adds zeros to the sum)
     group_stats: dict[str, InputStats] = {}
     for name, entry in agreed.items():
@@ -290,40 +337,24 @@ def refine_across_ranks(
             layers[module] = LayerState(stats=group_stats[entry["leader"]])
         group_stats.setdefault(entry["leader"], layers[module].stats)
     track()
-    todo = [name for name, entry in agreed.items() if entry["pruned"] or refine_all]
-    costs = {name: layer_cost(agreed[name]["shape"], objective) for name in todo}
-    owners = assign_layers(costs, loads, allowed=seen_by)
-    mine = [name for name in todo if owners[name] == group.rank]
-    logger.debug(f"DSnoT rank {group.rank} refines {mine or 'no layer of this subgraph'}")
     needed = {agreed[name]["leader"] for name in todo}
     for leader, stats in group_stats.items():
         if leader in needed:
             group.run(f"summing the statistics of {leader}", stats.all_reduce_, group.group)
-    kept = {agreed[name]["leader"] for name in mine}
-    group_stats = {leader: s for leader, s in group_stats.items() if leader in kept}
     own = {by_name[name]: LayerState(dense=layers[by_name[name]].dense,
                                      stats=group_stats[agreed[name]["leader"]]) for name in mine}
     layers.clear()
+    return own
 
-    reports, error = {}, None
-    try:
-        reports = {names[module]: report for module, report in refine(own).items()}
-    except Exception as err:  # noqa: BLE001 - shared with the other ranks below
-        error = err
-    own.clear()
-    group_stats.clear()
-    group.agree(error, "refining its layers")
-    for gathered_reports in group.all_gather_object(reports, "sharing the layer reports"):
-        reports.update(gathered_reports)
 
-    # the layers refined (a layer left alone, e.g. with too few tokens, is as it was)
-    written = [name for name in todo if isinstance(reports.get(name), LayerReport)]
-    for name in written:
-        _receive_or_send(group, by_name[name], name, owners[name])
+def _share_weights(group: RankGroup, written: dict[str, torch.nn.Module], owners: dict[str, int]):
+    """The owners broadcast the refined weights; then every rank checks it holds the same."""
+    for name, module in written.items():
+        _receive_or_send(group, module, name, owners[name])
     digests = {}
-    for name in written:
-        with align_module_device(by_name[name]):
-            digests[name] = tensor_digest(by_name[name].weight)
+    for name, module in written.items():
+        with align_module_device(module):
+            digests[name] = tensor_digest(module.weight)
     gathered = group.all_gather_object(digests, "comparing the refined weights")
     differ = [name for name in written if len({g[name] for g in gathered}) > 1]
     if differ:
@@ -332,7 +363,6 @@ def refine_across_ranks(
             "of the refined weights did not reach every rank's copy of the model. "
             "Please report this with the way the model was loaded and offloaded"
         )
-    return {name: (reports[name], owners[name]) for name in todo if name in reports}
 
 
 def describe_layers(layers: dict[torch.nn.Module, LayerState], names: dict) -> list[dict]:

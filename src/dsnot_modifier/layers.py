@@ -21,6 +21,7 @@ from dsnot_modifier.masks import (
     parse_mask_structure,
 )
 from dsnot_modifier.report import DSnoTReport, SkippedLayer
+from dsnot_modifier.upstream import pruned_modules
 
 __all__ = [
     "PrunerTarget",
@@ -72,7 +73,7 @@ def pruner_targets(pruners: list, names: dict) -> dict[torch.nn.Module, PrunerTa
     with the ``mask_structure`` its pruner was given (not read from the zeros: an
     N:M pruner may leave blocks with more than N zeros, e.g. SparseGPT zeroes the
     input columns calibration never activates). Read from the modules each pruner
-    registered at its calibration start (llm-compressor's ``_module_names``);
+    registered at its calibration start (:func:`.upstream.pruned_modules`);
     ``None`` without pruners (standalone) or if a pruner does not expose them
     (then every target counts, its structure read from the zeros).
 
@@ -82,8 +83,8 @@ def pruner_targets(pruners: list, names: dict) -> dict[torch.nn.Module, PrunerTa
         return None
     targets: dict[torch.nn.Module, PrunerTarget] = {}
     for pruner in pruners:
-        modules = getattr(pruner, "_module_names", None)
-        if not isinstance(modules, dict):
+        modules = pruned_modules(pruner)
+        if modules is None:
             return None
         structure = str(getattr(pruner, "mask_structure", "0:0"))
         try:
@@ -173,6 +174,13 @@ def close_report(report: DSnoTReport, names: dict, min_tokens: int):
             f"DSnoT left {name_a_few(few)} layer(s) exactly as the pruner left them: "
             f"each saw fewer than min_tokens={min_tokens} calibration tokens (MoE "
             f"experts under routed calibration). To refine them, {FIX_FEW_TOKENS}"
+        )
+    not_updated = [layer for layer in report.layers if layer.update_reason is not None]
+    if not_updated:
+        logger.warning(
+            f"DSnoT's weight update left {name_a_few([layer.name for layer in not_updated])} "
+            f"layer(s) as the swaps left them (e.g. {not_updated[0].update_reason}); each is "
+            "listed with its reason in the report (update_reason)"
         )
     if not report.layers and few:
         raise DSnoTConfigError(

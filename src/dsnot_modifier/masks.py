@@ -7,8 +7,6 @@ Plain torch; nothing here imports llm-compressor.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import re
 from typing import Literal, get_args
 
@@ -27,14 +25,9 @@ __all__ = [
     "INITIAL_KINDS",
     "check_blocks",
     "check_refined",
+    "check_same_mask",
     "RefinedStructureError",
     "INFER_BLOCK_SIZES",
-    "tensor_digest",
-    "tensor_digests",
-    "mask_digest",
-    "zero_mask_digest",
-    "zero_mask_matches",
-    "DIGEST_VERSION",
 ]
 
 #: block sizes tried, smallest first, when the structure is read from the zeros
@@ -236,6 +229,21 @@ def check_refined(
         )
 
 
+def check_same_mask(before: torch.Tensor, after: torch.Tensor, name: str):
+    """
+    Check that a weight update kept the mask: zeros exactly where they were.
+
+    :raises RefinedStructureError: if not (a defect of DSnoT: nothing is written)
+    """
+    moved = int(((before == 0) != (after == 0)).sum())
+    if moved:
+        raise RefinedStructureError(
+            f"{name}: DSnoT's weight update moved {moved} zeros of the refined mask; the "
+            "layer was not written. This is a defect of dsnot-modifier: please report it "
+            "with the recipe and the model"
+        )
+
+
 def initial_mask(
     weight: torch.Tensor,
     sparsity: float | None,
@@ -280,143 +288,3 @@ def initial_mask(
     order = torch.sort(score.flatten(), stable=True).indices[:k]
     mask.view(-1)[order] = True
     return mask
-
-
-#: The digests are computed on the tensor's own device, in exact integer arithmetic,
-#: so that they are the same on every device and only four integers per tensor cross
-#: to the host. The words w_k of a tensor are its bytes taken two by two as signed
-#: 16-bit integers (little-endian, as on every device torch runs on; an odd last byte
-#: is a word of its own). For each safe prime p below 2^29 (every base then has an
-#: order of at least (p-1)/2 ≈ 2^28) and its base g, the digest holds the polynomial
-#: hash ``Σ_k w_k·g^k mod p``: float64 products of a row of 256 words by the powers
-#: g^0..g^255 (integers, every partial sum below 256·2^15·2^29 = 2^52 in magnitude,
-#: hence exact in any order of summation), then int64 sums of those times g^(256·i)
-#: mod p (products below 2^58). The dtype and shape are part of the digest's text.
-#: Digests made before (blake2b of the bytes, on the host) have no ``v2-`` tag:
-#: :func:`zero_mask_matches` still checks them.
-DIGEST_VERSION = "v2"
-_DIGEST_PRIMES = (536870723, 536870627, 536870267, 536870219)
-_DIGEST_BASES = (3, 5, 7, 11)
-_DIGEST_WIDTH = 256  # words per row of the float64 product
-_DIGEST_ROWS = 1 << 14  # rows per pass (4M words: 32 MB of float64)
-
-
-@functools.lru_cache(maxsize=8)
-def _digest_tables(device: torch.device):
-    """Powers of the bases: ``[WIDTH, 4]`` float64, ``[ROWS, 4]`` int64, and per pass."""
-    cols, rows, steps = [], [], []
-    for p, g in zip(_DIGEST_PRIMES, _DIGEST_BASES):
-        cols.append([pow(g, j, p) for j in range(_DIGEST_WIDTH)])
-        big, x, row = pow(g, _DIGEST_WIDTH, p), 1, []
-        for _ in range(_DIGEST_ROWS):
-            row.append(x)
-            x = x * big % p
-        rows.append(row)
-        steps.append(x)  # big^ROWS: from one pass to the next
-    return (torch.tensor(cols, dtype=torch.float64).t().contiguous().to(device),
-            torch.tensor(rows, dtype=torch.int64).t().contiguous().to(device),
-            torch.tensor(steps, dtype=torch.int64, device=device),
-            torch.tensor(_DIGEST_PRIMES, dtype=torch.int64, device=device))
-
-
-def _words(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The tensor's 16-bit words (a view where possible) and its odd last byte, if any."""
-    data = data.detach().contiguous().reshape(-1)
-    if data.dtype == torch.bool:
-        data = data.view(torch.uint8)
-    if data.element_size() > 1:
-        return data.view(torch.int16), None
-    data = data.view(torch.uint8)
-    tail = data[-1:] if data.numel() % 2 else None
-    even = data[: data.numel() - data.numel() % 2]
-    try:
-        return even.view(torch.int16), tail
-    except RuntimeError:  # an odd storage offset
-        return even.clone().view(torch.int16), tail
-
-
-def _digest_sums(data: torch.Tensor) -> torch.Tensor:
-    """The four hashes of ``data``'s words, on its device (int64 ``[4]``), no host sync."""
-    words, tail = _words(data)
-    if words.device.type == "mps":  # no float64 there
-        words, tail = words.cpu(), None if tail is None else tail.cpu()
-    device = words.device
-    cols, rows, step, primes = _digest_tables(device)
-    acc = torch.zeros(len(_DIGEST_PRIMES), dtype=torch.int64, device=device)
-    total = words.numel() + (tail is not None)
-    if total == 0:
-        return acc
-    per_pass = _DIGEST_WIDTH * _DIGEST_ROWS
-    values = torch.empty(min(per_pass, -(-total // _DIGEST_WIDTH) * _DIGEST_WIDTH),
-                         dtype=torch.float64, device=device)
-    scale = torch.ones_like(acc)  # g^(WIDTH·ROWS·pass)
-    for start in range(0, total, per_pass):
-        part = words[start:start + per_pass]
-        n = part.numel()
-        values[:n] = part
-        if tail is not None and start + n == total - 1 and n < per_pass:  # odd last byte
-            values[n:n + 1] = tail
-            n += 1
-        m = -(-n // _DIGEST_WIDTH)
-        values[n:m * _DIGEST_WIDTH] = 0
-        sums = (values[:m * _DIGEST_WIDTH].view(m, _DIGEST_WIDTH) @ cols).to(torch.int64)
-        sums = sums.remainder_(primes).mul_(rows[:m]).remainder_(primes).sum(0)
-        acc = acc.add_(sums.remainder_(primes).mul_(scale)).remainder_(primes)
-        scale = scale.mul_(step).remainder_(primes)
-    return acc
-
-
-def _digests(tensors) -> list[str]:
-    """The digests of ``tensors`` (without prefix), with one host sync for all."""
-    tensors = list(tensors)
-    if not tensors:
-        return []
-    sums = [_digest_sums(t) for t in tensors]
-    if len({s.device for s in sums}) == 1:
-        values = torch.stack(sums).tolist()
-    else:  # several devices: one sync each
-        values = [s.tolist() for s in sums]
-    return [f"{DIGEST_VERSION}-" + "".join(f"{h:08x}" for h in v) for v in values]
-
-
-def tensor_digests(tensors, masks=()) -> list[str]:
-    """
-    :func:`tensor_digest` of each tensor, then :func:`zero_mask_digest` of each zero
-    mask, with one host sync for all (if all are on one device).
-    """
-    tensors, masks = list(tensors), list(masks)
-    names = [f"{t.dtype}{list(t.shape)}" for t in tensors] + [
-        f"mask{list(z.shape)}" for z in masks]
-    return [f"{name}:{d}" for name, d in zip(names, _digests(tensors + masks))]
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """A digest of a tensor's exact bytes (with its dtype and shape), the same on any device."""
-    return tensor_digests([tensor])[0]
-
-
-def zero_mask_digest(zero: torch.Tensor) -> str:
-    """A digest of a zero mask (bool, True where the weight is exactly zero)."""
-    return tensor_digests([], [zero])[0]
-
-
-def mask_digest(weight: torch.Tensor) -> str:
-    """A digest of a weight's zero mask (where it is exactly zero)."""
-    return zero_mask_digest(weight == 0)
-
-
-def _legacy_digest(data: torch.Tensor) -> str:
-    """The digest before ``v2`` (blake2b of the bytes, on the host), to check old reports."""
-    data = data.detach().contiguous().cpu()
-    if data.dtype == torch.bool:
-        data = data.to(torch.uint8)
-    raw = data.reshape(-1).view(torch.uint8).numpy()
-    return hashlib.blake2b(raw.tobytes(), digest_size=16).hexdigest()
-
-
-def zero_mask_matches(zero: torch.Tensor, digest: str) -> bool:
-    """Whether ``digest`` (from :func:`zero_mask_digest`, of this or an older version) is
-    the digest of the zero mask ``zero``."""
-    if f":{DIGEST_VERSION}-" in digest:
-        return zero_mask_digest(zero) == digest
-    return f"mask{list(zero.shape)}:{_legacy_digest(zero)}" == digest

@@ -15,7 +15,6 @@ from typing import Literal
 
 import torch
 from compressed_tensors.utils import get_execution_device, match_named_modules
-from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from llmcompressor.core import Event, State, active_session
@@ -23,9 +22,8 @@ from llmcompressor.modifiers.modifier import Modifier
 
 from dsnot_modifier.distributed import (
     DEFAULT_TIMEOUT,
-    RankGroup,
+    RankWork,
     make_group,
-    refine_across_ranks,
     world_size,
 )
 from dsnot_modifier.errors import DSnoTConfigError, DSnoTDistributedError
@@ -33,11 +31,10 @@ from dsnot_modifier.layers import (
     PrunerTarget,
     check_model_inputs,
     close_report,
-    layer_structure,
     pruner_targets,
 )
-from dsnot_modifier.masks import Initial, initial_mask
-from dsnot_modifier.offload import check_offload_writable, snapshot_weight
+from dsnot_modifier.masks import Initial
+from dsnot_modifier.offload import check_offload_writable, snapshot_weight, wait_for_snapshots
 from dsnot_modifier.recipe_checks import (
     check_distributed_pruners,
     check_recipe,
@@ -45,10 +42,11 @@ from dsnot_modifier.recipe_checks import (
     check_settings,
     check_targets,
 )
-from dsnot_modifier.report import DSnoTReport, LayerReport, SkippedLayer, attach_report
-from dsnot_modifier.stacking import ReadyLayer, refine_layers, refine_stack
+from dsnot_modifier.report import DSnoTReport, SkippedLayer, attach_report
+from dsnot_modifier.stacking import ReadyLayer, prepare_layer, refine_layers, refine_stack
 from dsnot_modifier.stats import InputStats, LayerState, SharedInputs, Variance
 from dsnot_modifier.swaps import DEFAULT_THRESHOLD, Objective, refine_mask
+from dsnot_modifier import update as weight_update
 
 __all__ = ["DSnoTModifier", "DSnoTConfigError", "DSnoTDistributedError"]
 
@@ -59,7 +57,7 @@ MIN_TOKENS = 128
 _REPORTED = {
     "objective", "max_cycles", "threshold", "var_power", "variance",
     "sign_check", "mask_structure", "initial", "sparsity", "targets", "ignore", "min_tokens",
-    "gram_dtype",
+    "gram_dtype", "update_weights",
 }
 
 
@@ -118,7 +116,7 @@ class DSnoTModifier(Modifier):
           ``min_tokens`` is left alone), check its structure, write it, free its state;
           the layers sharing statistics stacked in one call, each with the result it
           gets alone (:mod:`.stacking`); under torchrun, spread over the ranks
-          (:func:`.distributed.refine_across_ranks`)
+          (:class:`.distributed.RankWork`)
     - on_calibration_end
         - remove hooks; list and warn of the layers left alone, log the summary; error
           if no layer was refined (:func:`.layers.close_report`)
@@ -138,9 +136,12 @@ class DSnoTModifier(Modifier):
         calibration sequence, averaged, as the authors' code) or ``global``
     :param sign_check: ``mean`` only: refuse swaps that flip the sign of a row's
         expected error; unset means the paper's choice (off unstructured, on N:M)
-    :param gram_dtype: ``gram`` only: the inputs' dtype in the Gram products,
-        ``float32`` (default) or ``bfloat16`` (float32 sums; faster where the hardware
-        multiplies bfloat16, with about 0.2% error per entry, see BENCHMARKS.md)
+    :param gram_dtype: where a Gram matrix is gathered (``gram``, ``update_weights``):
+        the inputs' dtype in its products, always summed in float32. ``auto`` (default):
+        the inputs' own dtype if it is 16-bit and the device multiplies it into float32
+        sums (GPUs; exact products, so the Gram differs from float32's only in the
+        order of the sums), else float32; ``float32``; or ``bfloat16`` (inputs rounded
+        to bfloat16 first: about 0.2% error per entry, see BENCHMARKS.md)
     :param mask_structure: ``"N:M"`` or ``"0:0"``; unset, it is the pruner's own
         ``mask_structure`` (so SparseGPT 2:4 blocks with extra zeros stay N:M). Given,
         it must agree with the pruner's
@@ -154,11 +155,18 @@ class DSnoTModifier(Modifier):
     :param ignore: layers to leave alone; ``lm_head`` by default
     :param chunk_rows: rows refined at once (default: chosen for the device, see
         :func:`dsnot_modifier.swaps.chunk_rows_for`: on CPU about 1M weights a
-        chunk, on a GPU the whole layer within half its free memory, at most 4 GiB)
+        chunk, on a GPU the whole layer if its working memory fits 4 GiB, else the fewest
+        chunks that do; never from the free memory, so results do not depend on it)
     :param snapshot_device: where the dense copy of a layer waits between its first
         forward and its refinement: ``execution`` (the layer's execution device),
         ``cpu``, or ``auto`` (default): the offload device of a layer offloaded to
         the cpu, the cpu for one offloaded to disk, else the execution device
+    :param update_weights: after the swaps, re-solve each layer's kept weights so that
+        the sparse layer reproduces the dense layer's output on the calibration inputs
+        (least squares with the inputs' Gram matrix, the refined mask fixed: exact zeros
+        stay, N:M blocks stay; :mod:`dsnot_modifier.update`). Off by default: then kept
+        values stay exactly what the pruner left. The Gram matrix is gathered for it
+        whatever the objective
     :param dist_timeout: under torchrun, seconds a collective of DSnoT waits for the
         other ranks before failing with DSnoTDistributedError (a rank that failed or
         hangs); must exceed the time one rank needs to refine its layers of a subgraph
@@ -172,7 +180,7 @@ class DSnoTModifier(Modifier):
     var_power: float = Field(default=1.0, ge=0)
     variance: Variance = "per_sequence"
     sign_check: bool | None = None
-    gram_dtype: Literal["float32", "bfloat16"] = "float32"
+    gram_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     mask_structure: str | None = None
     initial: Initial | None = None
     sparsity: float | None = None
@@ -182,6 +190,7 @@ class DSnoTModifier(Modifier):
     min_tokens: int = Field(default=MIN_TOKENS, ge=1)
     snapshot_device: Literal["auto", "execution", "cpu"] = "auto"
     dist_timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    update_weights: bool = False
 
     _nm: tuple[int, int] | None = PrivateAttr(default=None)
     _names: dict[torch.nn.Module, str] = PrivateAttr(default_factory=dict)
@@ -193,9 +202,7 @@ class DSnoTModifier(Modifier):
     _pruned_by: dict[torch.nn.Module, PrunerTarget] | None = PrivateAttr(default=None)
     _untargeted: set[torch.nn.Module] = PrivateAttr(default_factory=set)
     _report: DSnoTReport | None = PrivateAttr(default=None)
-    _group: RankGroup | None = PrivateAttr(default=None)
-    _loads: list[float] = PrivateAttr(default_factory=list)
-    _owners: dict[str, int] = PrivateAttr(default_factory=dict)
+    _ranks: RankWork | None = PrivateAttr(default=None)
     _peak_state_bytes: int = PrivateAttr(default=0)
     _layer_sparsity: dict[str, float] = PrivateAttr(default_factory=dict)
 
@@ -209,7 +216,7 @@ class DSnoTModifier(Modifier):
     @model_validator(mode="after")
     def _check_settings(self) -> "DSnoTModifier":
         self._nm, structure = check_settings(self.initial, self.sparsity, self.mask_structure,
-                                             self.objective, self.gram_dtype)
+                                             self.objective, self.gram_dtype, self.update_weights)
         if structure != self.mask_structure:
             self.mask_structure = structure
         return self
@@ -248,7 +255,7 @@ class DSnoTModifier(Modifier):
     @property
     def owners(self) -> dict[str, int]:
         """Under torchrun, the rank that refined each layer of the last run."""
-        return dict(self._owners)
+        return {} if self._ranks is None else dict(self._ranks.owners)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         self._names = {
@@ -268,7 +275,7 @@ class DSnoTModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         self._peak_state_bytes = 0
-        self._owners = {}
+        self._ranks = None
         # the pruners registered their layers at their own calibration start (before
         # this one, in recipe order)
         self._pruned_by = pruner_targets(self._pruners, self._names)
@@ -280,26 +287,26 @@ class DSnoTModifier(Modifier):
             check_offload_writable(self._names)
         except Exception as err:  # noqa: BLE001 - every rank must learn of it
             error = err
-        if self._group is not None:
+        if self._ranks is not None:
             try:
-                self._group.agree(error, "checking the recipe and the offload directories")
+                self._ranks.group.agree(error, "checking the recipe and the offload directories")
             except Exception:
-                self._group.destroy()  # every rank stops here: leave no group behind
-                self._group = None
+                self._ranks.destroy()  # every rank stops here: leave no group behind
+                self._ranks = None
                 raise
         elif error is not None:
             raise error
 
     def _setup_distributed(self):
         """Under torchrun, DSnoT's process group (collectives with a timeout)."""
-        if self._group is None and world_size() > 1:
-            self._group = make_group(self.dist_timeout, len(self._names))
-            self._loads = [0.0] * self._group.world_size
+        if self._ranks is None and world_size() > 1:
+            self._ranks = RankWork(make_group(self.dist_timeout, len(self._names)))
 
     def _new_stats(self, module: torch.nn.Module, num_columns: int) -> InputStats:
         return InputStats(num_columns, device=get_execution_device(module),
-                          with_moments=self.objective == "mean", with_gram=self.objective == "gram",
-                          gram_dtype=getattr(torch, self.gram_dtype))
+                          with_moments=self.objective == "mean",
+                          with_gram=self.objective == "gram" or self.update_weights,
+                          gram_dtype=None if self.gram_dtype == "auto" else getattr(torch, self.gram_dtype))
 
     def _track_state(self):
         self._peak_state_bytes = max(self._peak_state_bytes, self.state_bytes)
@@ -316,37 +323,35 @@ class DSnoTModifier(Modifier):
                     self._report.skipped.append(SkippedLayer(
                         self._names[module], "not pruned", None, "no pruner of the recipe targets it"))
                 return
-            layer = self._layers[module] = LayerState(dense=snapshot_weight(module, self.snapshot_device))
+            dense = snapshot_weight(module, self.snapshot_device, self._names[module], non_blocking=True)
+            layer = self._layers[module] = LayerState(dense=dense)
             self._track_state()
         new_stats = lambda columns: self._new_stats(module, columns)  # noqa: E731
         if layer.accumulate(args[0], self._shared, new_stats):
             self._track_state()
 
     def on_sequential_epoch_end(self, state: State, event: Event, **kwargs):
+        wait_for_snapshots()  # the dense copies made without blocking are complete
         self._shared.clear()
         self._setup_distributed()  # if outside a pipeline that started calibration
-        if self._group is None:
+        if self._ranks is None:
             for report in self._refine(self._layers).values():
                 self._report.add(report)
             return
-        results = refine_across_ranks(
-            self._group, self._layers, self._names, self._refine, self._new_stats,
-            objective=self.objective, loads=self._loads, refine_all=self.initial is not None,
-            first=not self._owners, track=self._track_state,
+        results = self._ranks.refine(
+            self._layers, self._names, self._refine, self._new_stats, objective=self.objective,
+            refine_all=self.initial is not None, track=self._track_state,
         )
-        for name, (report, owner) in results.items():
-            if isinstance(report, LayerReport):
-                self._owners[name] = owner
-            mine = owner == self._group.rank
+        for report, owner in results.values():
+            mine = owner == self._ranks.group.rank
             self._report.add(report, f"DSnoT (rank {owner})" if mine else None)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         self.remove_hooks()
         self._layers.clear()
         self._shared.clear()
-        if self._group is not None:
-            self._group.destroy()
-            self._group = None
+        if self._ranks is not None:
+            self._ranks.destroy()  # its owners stay readable
         close_report(self._report, self._names, self.min_tokens)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -362,36 +367,17 @@ class DSnoTModifier(Modifier):
     ) -> ReadyLayer | SkippedLayer:
         """The layer ready to refine (its structure checked, standalone: its initial mask)."""
         name = self._names[module]
-        if stats.tokens < self.min_tokens:  # a routed expert: left as the pruner left it
-            return SkippedLayer(name, "few tokens", stats.tokens, f"saw {stats.tokens} calibration "
-                                f"tokens, fewer than min_tokens={self.min_tokens}")
-        asked = None if self._pruned_by is None else self._pruned_by.get(module)
-        current = module.weight.detach()
-        dense = dense.to(current.device)
-        new_zeros = bool(((current == 0) & (dense != 0)).any())
-        if self.initial is not None:
-            if not torch.equal(current, dense):
-                raise DSnoTConfigError(
-                    f"{name} was changed by another modifier during calibration, but "
-                    f"DSnoTModifier has initial: {self.initial}; remove `initial` to refine "
-                    "that modifier's mask, or remove the other modifier"
-                )
-            stats.check_finite(name)
-            mask = initial_mask(dense, self._layer_sparsity.get(name, self.sparsity), self._nm,
-                                self.initial, stats.sqnorm())
-            return ReadyLayer(module, name, dense, dense.masked_fill(mask, 0), stats, self._nm,
-                              self.initial, asked)
-        if not new_zeros:
-            logger.debug(f"DSnoT: {name} was not pruned by an earlier modifier, left as it is")
-            return SkippedLayer(name, "not pruned", stats.tokens, "the pruner left it dense")
-        stats.check_finite(name)
-        nm = layer_structure(name, current, dense, asked, self.mask_structure, self._nm)
-        return ReadyLayer(module, name, dense, current, stats, nm, "pruner", asked)
+        return prepare_layer(
+            module, name, dense, stats, None if self._pruned_by is None else self._pruned_by.get(module),
+            min_tokens=self.min_tokens, initial=self.initial, nm=self._nm,
+            sparsity=self._layer_sparsity.get(name, self.sparsity), mask_structure=self.mask_structure)
 
     def _refine(self, layers: dict[torch.nn.Module, LayerState]) -> dict:
         """Refine and write the layers (stacked, :mod:`.stacking`): module -> report."""
         return refine_layers(layers, self._prepare, lambda stack: refine_stack(
-            stack, refine_mask, self.objective, self.variance, max_cycles=self.max_cycles,
+            stack, refine_mask, self.objective, self.variance,
+            update=weight_update.update_weights if self.update_weights else None,
+            max_cycles=self.max_cycles,
             threshold=self.threshold, var_power=self.var_power, sign_check=self.sign_check,
             chunk_rows=self.chunk_rows))
 

@@ -3,6 +3,9 @@ Weights of target layers that may be offloaded (to the cpu or to disk, by
 compressed-tensors): where DSnoT keeps a layer's dense copy until its refinement,
 how it writes the refined weight, and the check, before any pruning, that disk
 offload folders can be written. One message names the fix for an unwritable folder.
+
+Snapshots of a layer executed on CUDA and kept on the cpu go to pinned (page-locked)
+host memory, copied without blocking the host if asked (see :func:`wait_for_snapshots`).
 """
 
 from __future__ import annotations
@@ -15,26 +18,105 @@ from compressed_tensors.offload.cache import DiskCache
 
 from dsnot_modifier.errors import DSnoTConfigError
 
-__all__ = ["snapshot_weight", "write_weight", "check_offload_writable", "offload_fix"]
+__all__ = ["snapshot_weight", "wait_for_snapshots", "write_weight", "check_offload_writable",
+           "offload_fix"]
+
+#: per CUDA stream, an event recorded after its latest snapshot copied without blocking
+_PENDING: dict = {}
 
 
-def snapshot_weight(module: torch.nn.Module, where: str = "auto") -> torch.Tensor:
+def snapshot_weight(module: torch.nn.Module, where: str = "auto", name: str | None = None,
+                    non_blocking: bool = False) -> torch.Tensor:
     """
     A copy of the layer's (onloaded) weight: on its execution device (``execution``),
     on the cpu (``cpu``), or (``auto``) on the offload device of a layer offloaded to
     the cpu, on the cpu for one offloaded to disk, else on the execution device.
+
+    A copy from CUDA to the cpu goes to pinned host memory; with ``non_blocking`` it
+    does not wait for the device, and may still be under way when this returns:
+    copies back to that device are ordered after it (same stream), but reading it on
+    the host needs :func:`wait_for_snapshots` first.
+
+    :param name: the layer's name, for the error
+    :raises DSnoTConfigError: for a weight on the meta device (not loaded, or left
+        there by accelerate's own offloading hooks), naming the fix
     """
     weight = module.weight.detach()
-    device = weight.device
+    if weight.device.type == "meta":
+        raise DSnoTConfigError(_meta_weight_message(module, name))
+    device = _snapshot_device(module, weight.device, where)
+    if _pinned_copy(weight.device, device):
+        return _to_pinned_host(weight, non_blocking)
+    return weight.to(device, copy=True)
+
+
+def wait_for_snapshots():
+    """Wait until every snapshot copied without blocking is complete (before reading
+    such snapshots on the host; one wait per stream that copied)."""
+    while _PENDING:
+        _PENDING.popitem()[1].synchronize()
+
+
+def _snapshot_device(module: torch.nn.Module, execution: torch.device, where: str) -> torch.device:
     if where == "cpu":
-        device = torch.device("cpu")
-    elif where == "auto":
+        return torch.device("cpu")
+    if where == "auto":
         offloaded = get_offloaded_device(module)
         if offloaded == "disk":
-            device = torch.device("cpu")
-        elif offloaded is not None and torch.device(offloaded) != weight.device:
-            device = torch.device(offloaded)
-    return weight.to(device, copy=True)
+            return torch.device("cpu")
+        if offloaded is not None and torch.device(offloaded) != execution:
+            return torch.device(offloaded)
+    return execution
+
+
+def _pinned_copy(source: torch.device, target: torch.device) -> bool:
+    """Whether a copy from ``source`` to ``target`` goes to pinned host memory."""
+    return source.type == "cuda" and target.type == "cpu"
+
+
+def _to_pinned_host(weight: torch.Tensor, non_blocking: bool) -> torch.Tensor:
+    host = _pinned_empty(weight)
+    host.copy_(weight, non_blocking=non_blocking)
+    if non_blocking:
+        stream, event = _copy_event(weight)
+        _PENDING[stream] = event
+    return host
+
+
+def _pinned_empty(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+
+
+def _copy_event(weight: torch.Tensor):
+    """The current stream of the weight's device and an event recorded on it after the
+    copy; the weight's memory is not reused before the stream gets there."""
+    stream = torch.cuda.current_stream(weight.device)
+    weight.record_stream(stream)
+    event = torch.cuda.Event()
+    event.record(stream)
+    return stream, event
+
+
+def _meta_weight_message(module: torch.nn.Module, name: str | None) -> str:
+    layer = name or type(module).__name__
+    if getattr(module, "_hf_hook", None) is not None:
+        return (
+            f"the weight of {layer} is on the meta device: the layer is still driven by "
+            "accelerate's own offloading hooks (_hf_hook), which give it its weight only "
+            "inside its forward, so DSnoT cannot read it. Use llm-compressor's offloading "
+            "instead, whose layers give their weight whenever it is read "
+            "(align_module_device): convert the model with "
+            "compressed_tensors.offload.from_accelerate(model) before oneshot (oneshot does "
+            "it only for a model loaded with a device_map), or load it inside "
+            "compressed_tensors.offload.load_offloaded_model(); or remove accelerate's hooks "
+            "(accelerate.hooks.remove_hook_from_module(model, recurse=True)) and put the "
+            "model on a device"
+        )
+    return (
+        f"the weight of {layer} is on the meta device (it was never loaded): load the "
+        "model's weights before running DSnoT, or load it with llm-compressor's offloading "
+        "(compressed_tensors.offload.load_offloaded_model)"
+    )
 
 
 def write_weight(module: torch.nn.Module, name: str, weight: torch.Tensor):

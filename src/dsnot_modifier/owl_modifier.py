@@ -6,6 +6,7 @@ OWLModifier: OWL's layer-wise sparsity for the pruners that follow it in a recip
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from compressed_tensors.offload import get_execution_device
@@ -25,9 +26,10 @@ from llmcompressor.pytorch.utils.helpers import tensors_to_device
 from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
 from llmcompressor.utils.pytorch.module import infer_sequential_targets
 
+from dsnot_modifier.distributed import world_size
 from dsnot_modifier.masks import parse_mask_structure
 from dsnot_modifier.modifier import DSnoTModifier
-from dsnot_modifier.owl import InputSqnorms, OWLError, outlier_ratio, owl_offsets, owl_sparsities, per_row_sparsities
+from dsnot_modifier.owl import InputSqnorms, OWLError, outlier_ratio, owl_sparsities, per_row_sparsities
 
 __all__ = ["OWLModifier", "OWLError"]
 
@@ -95,25 +97,16 @@ class OWLModifier(Modifier):
         - the pruners' ``sparsity`` back to what the recipe says
 
     :param m: OWL's M: a weight is an outlier if its Wanda score is above ``m`` times
-        its decoder layer's mean score (> 0). OWL's paper uses 5 for LLaMA-7B. In our
-        validation sweep (SmolLM2-135M, *Persuasion*, 70%, Wanda + DSnoT, uniform
-        190.60 to 191.76; BENCHMARKS.md) M = 5 never beats uniform sparsity; at
-        λ = 0.08, 10 is the best of 3, 5, 10, 15 and 20, and at λ = 0.2, 20 is the best
-        of 5, 10, 15 and 20 (212.44, 166.82, 167.02, 164.02): a wider λ favours a higher M;
-        at λ = 0.35, 20 is the best of 15, 20 and 30 (153.17, 148.07, 179.36)
+        its decoder layer's mean score (> 0). OWL's paper uses 5 for LLaMA-7B; the
+        default, 20, is the best of this project's validation sweep (BENCHMARKS.md, OWL)
     :param lmbda: OWL's λ: layer sparsities spread over S ± lmbda (0.08 in OWL's
         paper); 0 <= lmbda < 0.5, and small enough that every layer's sparsity stays
         in (0, 1): below min(S, 1 − S)/2 always is (a larger one is refused with the
         largest valid value). The default, 0.3, is the validation sweep's best for both
-        pruners followed by DSnoT over 70% and 80% (the lowest geometric mean of the two
-        ratios to uniform sparsity). At M = 20, Wanda + DSnoT went λ = 0.2, 0.25, 0.3, 0.35:
-        164.02, 162.71, 149.74, 148.07 at 70% (0.35 is past the bound at 60% on SmolLM2,
-        0.328; 0.3 keeps nearly all the gain), 678.68 (0.2) and 674.46 (0.3) at 80%;
-        SparseGPT + DSnoT went λ = 0 (uniform), 0.1, 0.2, 0.3: 135.23, 126.15, 132.32,
-        131.74 at 70% and 288.12, 286.65, 289.03, 258.27 at 80%. It applies to every
-        pruner after OWLModifier. At 80% a model whose outlier ratios mostly sit high (a
-        few layers far below the rest) may need a smaller λ: below 0.1 is always valid
-        there
+        pruners followed by DSnoT over 70% and 80% (BENCHMARKS.md, OWL). It applies to
+        every pruner after OWLModifier. At 80% a model whose outlier ratios mostly sit
+        high (a few layers far below the rest) may need a smaller λ: below 0.1 is always
+        valid there
     """
 
     requires_calibration_data: bool = True
@@ -122,7 +115,7 @@ class OWLModifier(Modifier):
     lmbda: float = 0.3
 
     _pruners: list[Modifier] = PrivateAttr(default_factory=list)
-    _written: list[tuple[Modifier, object]] = PrivateAttr(default_factory=list)
+    _handovers: list["Handover"] = PrivateAttr(default_factory=list)
     _sqnorm: InputSqnorms = PrivateAttr(default_factory=InputSqnorms)
     _ratios: dict[str, float] = PrivateAttr(default_factory=dict)
     _layer_sparsities: dict[str, dict[str, float]] = PrivateAttr(default_factory=dict)
@@ -208,7 +201,7 @@ class OWLModifier(Modifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         model = state.model
-        self._written = []
+        self._handovers = [_handover(pruner) for pruner in self._pruners]
         self._ratios, self._layer_sparsities = {}, {}
         decoder = [n for n, _ in match_named_modules(model, self._sequential_targets)]
         if not decoder:
@@ -216,10 +209,10 @@ class OWLModifier(Modifier):
                 f"OWLModifier found no decoder layer ({self._sequential_targets}) in the model; "
                 "pass oneshot sequential_targets naming the decoder layer class"
             )
-        plans = [self._plan(model, pruner, decoder) for pruner in self._pruners]
+        plans = [handover.units(model, decoder) for handover in self._handovers]
         modules = dict(model.named_modules())
         order = {name: i for i, name in enumerate(modules)}
-        linears = sorted({n for plan in plans for unit in plan for n in unit[2]}, key=order.__getitem__)
+        linears = sorted({n for plan in plans for unit in plan for n in unit.linears}, key=order.__getitem__)
         self._dense_pass(model, {n: modules[n] for n in linears}, state.data.calib)
         layers: dict[str, list[str]] = {}
         for name in linears:
@@ -235,47 +228,10 @@ class OWLModifier(Modifier):
         if len(self._ratios) < 2:
             logger.warning(f"OWL: {len(self._ratios)} decoder layer(s) to prune: the sparsity stays uniform")
         # every pruner's values first (any error leaves the pruners as they were), then hand over
-        values = [self._values(pruner, plan, modules, key=type(pruner).__name__ + (f"#{i + 1}" if i else ""))
-                  for i, (pruner, plan) in enumerate(zip(self._pruners, plans))]
-        for pruner, plan, value in zip(self._pruners, plans, values):
-            self._written.append((pruner, pruner.sparsity))
-            if isinstance(pruner, DSnoTModifier):
-                pruner.set_layer_sparsities({unit: v for (unit, _, _), v in zip(plan, value)})
-            else:
-                pruner.sparsity = value
-
-    def _plan(self, model, pruner: Modifier, decoder: list[str]) -> list[tuple[str, str | None, list[str]]]:
-        """The pruner's units (one per entry of its sparsity list): name, decoder layer, Linear names."""
-        plan = []
-        if isinstance(pruner, DSnoTModifier):
-            for name, module in match_named_modules(model, pruner.targets, pruner.ignore):
-                if isinstance(module, torch.nn.Linear):
-                    plan.append((name, _layer_of(name, decoder), [name]))
-            return plan
-        for unit_name, unit in match_named_modules(model, pruner.targets):
-            inner = []
-            for sub, module in match_named_modules(unit, PRUNABLE_LAYER_TYPES):
-                # the pruner's own test (llm-compressor 0.14 names these "unit.sub")
-                if match_targets(f"{unit_name}.{sub}", module, pruner.ignore):
-                    continue
-                full = f"{unit_name}.{sub}" if sub else unit_name
-                if not isinstance(module, torch.nn.Linear):
-                    raise OWLError(
-                        f"{type(pruner).__name__} would prune {full} ({type(module).__name__}), "
-                        "but OWLModifier scores Linear layers only; add it to the pruner's ignore"
-                    )
-                inner.append(full)
-            layers = {_layer_of(n, decoder) for n in inner}
-            contains = [d for d in decoder if d.startswith(unit_name + ".") or not unit_name]
-            if len(contains) > 1 and inner:
-                raise OWLError(
-                    f"{type(pruner).__name__} targets {unit_name or 'the model'}, which holds "
-                    f"{len(contains)} decoder layers, so one sparsity would cover them all: "
-                    "target Linear layers (targets: ['Linear']) or decoder layers "
-                    "(e.g. targets: ['re:model.layers.\\\\d+$'])"
-                )
-            plan.append((unit_name, next(iter(layers)) if len(layers) == 1 else None, inner))
-        return plan
+        values = [self._values(handover, plan, modules, key=type(handover.pruner).__name__ + (f"#{i + 1}" if i else ""))
+                  for i, (handover, plan) in enumerate(zip(self._handovers, plans))]
+        for handover, plan, value in zip(self._handovers, plans, values):
+            handover.give(plan, value)
 
     def _dense_pass(self, model, linears: dict[str, torch.nn.Module], dataloader):
         """sqnorm sums of every Linear in ``linears`` over one forward pass of the dense model."""
@@ -304,19 +260,18 @@ class OWLModifier(Modifier):
                 f"OWLModifier's forward pass never reached {missing[:3]} ({len(missing)} layers): "
                 "OWL needs the inputs of every layer the pruners prune"
             )
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if world_size() > 1:
             self._sqnorm.all_reduce(list(linears))  # every rank the same statistics, same sparsities
 
-    def _values(self, pruner: Modifier, plan, modules, key: str) -> list[float]:
+    def _values(self, handover: "Handover", plan: list["Unit"], modules, key: str) -> list[float]:
         """The sparsity of each of the pruner's units (its list, in the order of its targets)."""
-        name = type(pruner).__name__
-        target = float(pruner.sparsity)
+        name = type(handover.pruner).__name__
+        target = float(handover.pruner.sparsity)
         layers = list(self._ratios)
         sizes = {layer: 0 for layer in layers}
-        for _, layer, inner in plan:
-            if layer in sizes:
-                sizes[layer] += sum(_rows(modules[n]) * _cols(modules[n]) for n in inner)
+        for unit in plan:
+            if unit.layer in sizes:
+                sizes[unit.layer] += sum(_rows(modules[n]) * _cols(modules[n]) for n in unit.linears)
         pruned = [layer for layer in layers if sizes[layer] > 0]
         try:
             sparsity = dict(zip(pruned, owl_sparsities(
@@ -326,11 +281,11 @@ class OWLModifier(Modifier):
         except OWLError as error:
             default = "" if "lmbda" in self.model_fields_set else f" (unset, lmbda is its default, {self.lmbda})"
             raise OWLError(f"{error}. Set OWLModifier's lmbda below that bound{default}") from None
-        ideal = [sparsity.get(layer, target) for _, layer, _ in plan]
+        ideal = [sparsity.get(unit.layer, target) for unit in plan]
         values = ideal
-        if _per_row(pruner):
-            active = [i for i, (_, _, inner) in enumerate(plan) if inner]
-            shapes = [[(_rows(modules[n]), _cols(modules[n])) for n in plan[i][2]] for i in active]
+        if handover.per_row:
+            active = [i for i, unit in enumerate(plan) if unit.linears]
+            shapes = [[(_rows(modules[n]), _cols(modules[n])) for n in plan[i].linears] for i in active]
             rounded = per_row_sparsities(shapes, [ideal[i] for i in active], target)
             values = list(ideal)
             for i, value in zip(active, rounded):
@@ -344,12 +299,9 @@ class OWLModifier(Modifier):
         return values
 
     def on_finalize(self, state: State, **kwargs) -> bool:
-        for pruner, value in self._written:
-            if isinstance(pruner, DSnoTModifier):
-                pruner.set_layer_sparsities({})
-            else:
-                pruner.sparsity = value
-        self._written = []
+        for handover in self._handovers:
+            handover.restore()
+        self._handovers = []
         return True
 
 
@@ -373,16 +325,111 @@ def _is_pruner(modifier: Modifier) -> bool:
     )
 
 
-def _per_row(pruner: Modifier) -> bool:
-    """Pruners that prune ``int(cols·s)`` of every row (others round per layer or block)."""
-    if isinstance(pruner, DSnoTModifier):
-        return pruner.initial == "wanda"
-    return isinstance(pruner, WandaPruningModifier)
-
-
 def _layer_of(name: str, decoder: list[str]) -> str | None:
     """The decoder layer holding module ``name`` (or being it), None if outside them all."""
     for layer in decoder:
         if name == layer or name.startswith(layer + "."):
             return layer
     return None
+
+
+@dataclass
+class Unit:
+    """
+    One entry of a pruner's sparsity list.
+
+    :param name: what the pruner targets (a Linear layer, or a module holding several)
+    :param layer: the decoder layer it lies in (None: outside them, or across several)
+    :param linears: the names of the Linear layers it prunes
+    """
+
+    name: str
+    layer: str | None
+    linears: list[str]
+
+
+class Handover:
+    """
+    The one place where OWL hands its layer sparsities to a pruner and takes them back:
+    an llm-compressor pruner (Wanda, SparseGPT) gets a list for its ``sparsity`` (one
+    value per target, in the order of its ``targets``: what llm-compressor 0.14 accepts
+    where ``sparsity_profile: owl`` fails), and its own value back at finalize, so the
+    saved recipe is the one written.
+
+    :param per_row: the pruner prunes ``int(cols·s)`` weights of every row (OWL rounds
+        its values per row); others round per layer or per block
+    """
+
+    per_row = False
+
+    def __init__(self, pruner: Modifier):
+        self.pruner = pruner
+        self.recipe_value = pruner.sparsity
+
+    def units(self, model: torch.nn.Module, decoder: list[str]) -> list[Unit]:
+        """The pruner's units, as its own matching finds them (one per entry of its list)."""
+        pruner = self.pruner
+        plan = []
+        for unit_name, unit in match_named_modules(model, pruner.targets):
+            inner = []
+            for sub, module in match_named_modules(unit, PRUNABLE_LAYER_TYPES):
+                # the pruner's own test (llm-compressor 0.14 names these "unit.sub")
+                if match_targets(f"{unit_name}.{sub}", module, pruner.ignore):
+                    continue
+                full = f"{unit_name}.{sub}" if sub else unit_name
+                if not isinstance(module, torch.nn.Linear):
+                    raise OWLError(
+                        f"{type(pruner).__name__} would prune {full} ({type(module).__name__}), "
+                        "but OWLModifier scores Linear layers only; add it to the pruner's ignore"
+                    )
+                inner.append(full)
+            layers = {_layer_of(n, decoder) for n in inner}
+            contains = [d for d in decoder if d.startswith(unit_name + ".") or not unit_name]
+            if len(contains) > 1 and inner:
+                raise OWLError(
+                    f"{type(pruner).__name__} targets {unit_name or 'the model'}, which holds "
+                    f"{len(contains)} decoder layers, so one sparsity would cover them all: "
+                    "target Linear layers (targets: ['Linear']) or decoder layers "
+                    "(e.g. targets: ['re:model.layers.\\\\d+$'])"
+                )
+            plan.append(Unit(unit_name, next(iter(layers)) if len(layers) == 1 else None, inner))
+        return plan
+
+    def give(self, plan: list[Unit], values: list[float]):
+        """Hand the pruner one sparsity per unit."""
+        self.pruner.sparsity = values
+
+    def restore(self):
+        """Give the pruner back the sparsity its recipe says."""
+        self.pruner.sparsity = self.recipe_value
+
+
+class _WandaHandover(Handover):
+    per_row = True
+
+
+class _StandaloneHandover(Handover):
+    """Standalone DSnoT (``initial``): one unit per target Linear, given by name."""
+
+    def __init__(self, pruner: DSnoTModifier):
+        super().__init__(pruner)
+        self.per_row = pruner.initial == "wanda"
+
+    def units(self, model, decoder):
+        return [Unit(name, _layer_of(name, decoder), [name])
+                for name, module in match_named_modules(model, self.pruner.targets, self.pruner.ignore)
+                if isinstance(module, torch.nn.Linear)]
+
+    def give(self, plan, values):
+        self.pruner.set_layer_sparsities({unit.name: v for unit, v in zip(plan, values)})
+
+    def restore(self):
+        self.pruner.set_layer_sparsities({})
+
+
+def _handover(pruner: Modifier) -> Handover:
+    if isinstance(pruner, DSnoTModifier):
+        return _StandaloneHandover(pruner)
+    if isinstance(pruner, WandaPruningModifier):
+        return _WandaHandover(pruner)
+    return Handover(pruner)

@@ -133,19 +133,20 @@ def check_distributed_pruners(pruners: Sequence, ranks: int):
 
 def check_settings(
     initial: str | None, sparsity: float | None, mask_structure: str | None,
-    objective: str = "gram", gram_dtype: str = "float32",
+    objective: str = "gram", gram_dtype: str = "auto", update_weights: bool = False,
 ) -> tuple[tuple[int, int] | None, str | None]:
     """
     Check that DSnoTModifier's ``initial``, ``sparsity`` and ``mask_structure`` agree,
-    and that ``gram_dtype`` is left at float32 unless the objective is ``gram``.
+    and that ``gram_dtype`` is left unset unless a Gram matrix is gathered (objective
+    ``gram``, or ``update_weights``).
 
     :return: the parsed N:M (None for unstructured) and the ``mask_structure`` to
         keep (``"0:0"`` for a standalone unstructured run that left it unset)
     :raises ValueError: naming the fix (pydantic reports it as a validation error)
     """
-    if objective != "gram" and gram_dtype != "float32":
-        raise ValueError(f"gram_dtype: {gram_dtype} applies to objective: gram only; "
-                         "remove gram_dtype or use objective: gram")
+    if objective != "gram" and not update_weights and gram_dtype not in ("auto", "float32"):
+        raise ValueError(f"gram_dtype: {gram_dtype} applies to objective: gram (or "
+                         "update_weights) only; remove gram_dtype or use objective: gram")
     if sparsity is not None and not 0 < sparsity < 1:
         raise ValueError(f"sparsity must lie strictly between 0 and 1 (e.g. 0.5), got {sparsity}")
     try:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from loguru import logger
 
-from dsnot_modifier.masks import mask_digest
+from dsnot_modifier.digest import mask_digest
+from dsnot_modifier.upstream import is_compressor_save, mark_compressor_save
 
 __all__ = [
     "LayerReport",
@@ -25,6 +27,7 @@ __all__ = [
     "attach_report",
     "read_report",
     "write_json",
+    "umask_permissions",
 ]
 
 REPORT_FILE_NAME = "dsnot_report.json"
@@ -53,7 +56,11 @@ class LayerReport:
     :param pruner_structure: the ``mask_structure`` the pruner was given (``"2:4"``,
         ``"0:0"``); None for standalone DSnoT or a report made before it was recorded
     :param mask_digest: a digest of the layer's zero mask after refinement (see
-        :func:`dsnot_modifier.masks.mask_digest`), checked by ``dsnot verify``
+        :func:`dsnot_modifier.digest.mask_digest`), checked by ``dsnot verify``
+    :param update_error_before: with ``update_weights``: the layer's squared output error
+        ``Σ e_iᵀ H e_i`` after the swaps, before the weight update (None without it)
+    :param update_error_after: the same after the weight update
+    :param update_reason: why the update left the layer as the swaps did (None if it ran)
     """
 
     name: str
@@ -70,12 +77,18 @@ class LayerReport:
     seconds: float
     pruner_structure: str | None = None
     mask_digest: str | None = None
+    update_error_before: float | None = None
+    update_error_after: float | None = None
+    update_reason: str | None = None
 
     @classmethod
     def of(cls, result, *, name: str, structure: str, objective: str, initial: str,
-           seconds: float, pruner_structure: str | None = None) -> "LayerReport":
-        """The report of a layer refined into ``result`` (a :class:`~dsnot_modifier.swaps.RefineResult`)."""
-        weight = result.weight
+           seconds: float, pruner_structure: str | None = None, update=None) -> "LayerReport":
+        """
+        The report of a layer refined into ``result`` (a :class:`~dsnot_modifier.swaps.RefineResult`),
+        then updated into ``update`` (an :class:`~dsnot_modifier.update.UpdateResult`), if given.
+        """
+        weight = result.weight if update is None else update.weight
         zeros = int((weight == 0).sum())
         return cls(
             name=name,
@@ -92,6 +105,9 @@ class LayerReport:
             seconds=seconds,
             pruner_structure=pruner_structure,
             mask_digest=mask_digest(weight),
+            update_error_before=None if update is None else update.error_before,
+            update_error_after=None if update is None else update.error_after,
+            update_reason=None if update is None else update.reason,
         )
 
     @property
@@ -102,11 +118,18 @@ class LayerReport:
         return self.error_after / self.error_before - 1.0
 
     def line(self) -> str:
+        if self.update_reason is not None:
+            update = f", weights not updated ({self.update_reason})"
+        elif self.update_error_after is not None:
+            update = (f", weight update: gram error {self.update_error_before:.4g} -> "
+                      f"{self.update_error_after:.4g}")
+        else:
+            update = ""
         return (
             f"{self.name}: {self.swaps} swaps in {self.rows_changed}/{self.shape[0]} rows, "
             f"{self.structure} at {self.sparsity:.1%} sparsity, {self.objective} error "
             f"{self.error_before:.4g} -> {self.error_after:.4g} "
-            f"({self.error_change:+.1%}), {self.seconds:.2f}s"
+            f"({self.error_change:+.1%}){update}, {self.seconds:.2f}s"
         )
 
 
@@ -153,13 +176,20 @@ class DSnoTReport:
     def summary(self) -> dict:
         n = len(self.layers)
         changes = [layer.error_change for layer in self.layers]
-        return {
+        summary = {
             "layers": n,
             "swaps": sum(layer.swaps for layer in self.layers),
             "mean_error_change": sum(changes) / n if n else 0.0,
             "layers_error_lowered": sum(c < 0 for c in changes),
             "seconds": sum(layer.seconds for layer in self.layers),
         }
+        updated = [layer for layer in self.layers if layer.update_error_after is not None]
+        if updated:  # with update_weights: the gram error's change by the update
+            summary["layers_updated"] = sum(layer.update_reason is None for layer in updated)
+            summary["mean_update_error_change"] = sum(
+                layer.update_error_after / layer.update_error_before - 1
+                for layer in updated if layer.update_error_before) / len(updated)
+        return summary
 
     def summary_line(self) -> str:
         s = self.summary()
@@ -194,14 +224,43 @@ class DSnoTReport:
         )
 
 
+def umask_permissions(path: str | os.PathLike):
+    """
+    Give ``path`` the permissions a plain ``open`` or ``mkdir`` would (0666 or 0777
+    less the umask): temporary files and directories are made private (0600, 0700),
+    and a checkpoint must be readable by whoever reads its neighbours (a vLLM server
+    running as another user).
+    """
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask: read where Linux shows it, else set and put back at once
+    (the only portable way to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: str | os.PathLike, data) -> str:
-    """Write ``data`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    """
+    Write ``data`` as JSON to ``path`` atomically (a temporary file, then a rename),
+    with the permissions the umask gives.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
+        umask_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -238,7 +297,7 @@ def attach_report(model: torch.nn.Module, report: DSnoTReport):
     Make ``model.save_pretrained(dir)`` also write ``dsnot_report.json`` into ``dir``
     (wrapping whatever ``save_pretrained`` the model has, llm-compressor's included).
     A second DSnoT run on the same model replaces the report. Outside oneshot (whose
-    pre-processing wraps ``save_pretrained`` first, marking it ``_overridden``)
+    pre-processing wraps ``save_pretrained`` first, :func:`.upstream.is_compressor_save`)
     nothing is wrapped: the report is ``DSnoTModifier.report`` and
     ``report.save(dir)`` writes it.
     """
@@ -248,18 +307,22 @@ def attach_report(model: torch.nn.Module, report: DSnoTReport):
     if getattr(save, "_dsnot_report", None) is not None:
         save._dsnot_report[0] = report
         return
-    if not getattr(save, "_overridden", False):
+    if not is_compressor_save(save):
         logger.info("DSnoT: save the report with DSnoTModifier.report.save(directory)")
         return
     holder = [report]
 
     def save_pretrained_with_dsnot_report(save_directory, *args, **kwargs):
+        started = time.time()
         result = save(save_directory, *args, **kwargs)
         if is_source_process():  # under torchrun, rank 0 writes (as it saves the model)
             path = holder[0].save(save_directory)
             logger.info(f"DSnoT report written to {path}")
+            # the files this save wrote (transformers makes model.safetensors private)
+            for entry in os.scandir(save_directory):
+                if entry.is_file() and entry.stat().st_mtime >= started - 1:
+                    umask_permissions(entry.path)
         return result
 
     save_pretrained_with_dsnot_report._dsnot_report = holder
-    save_pretrained_with_dsnot_report._overridden = True
-    model.save_pretrained = save_pretrained_with_dsnot_report
+    model.save_pretrained = mark_compressor_save(save_pretrained_with_dsnot_report)

@@ -24,16 +24,18 @@ from typing import Callable
 
 import torch
 from compressed_tensors.utils import align_module_device
+from loguru import logger
 
 from llmcompressor.utils.metric_logging import CompressionLogger
 
-from dsnot_modifier.layers import PrunerTarget
-from dsnot_modifier.masks import check_refined, format_structure
+from dsnot_modifier.errors import DSnoTConfigError
+from dsnot_modifier.layers import PrunerTarget, layer_structure
+from dsnot_modifier.masks import check_refined, check_same_mask, format_structure, initial_mask
 from dsnot_modifier.offload import write_weight
 from dsnot_modifier.report import LayerReport, SkippedLayer
 from dsnot_modifier.stats import InputStats, LayerState
 
-__all__ = ["STACK_ELEMENTS", "ReadyLayer", "Prepare", "refine_layers", "stack_groups", "refine_stack"]
+__all__ = ["STACK_ELEMENTS", "ReadyLayer", "Prepare", "prepare_layer", "refine_layers", "stack_groups", "refine_stack"]
 
 #: at most this many weights refined in one stacked call of ``refine_mask`` (2^24:
 #: 64 MiB a float32 copy; the call copies the stack's dense and current weights and
@@ -71,6 +73,51 @@ class ReadyLayer:
 #: make one layer ready (module, its dense weight, its statistics; the module on
 #: its execution device), or the reason it is left as it is
 Prepare = Callable[[torch.nn.Module, torch.Tensor, InputStats], "ReadyLayer | SkippedLayer"]
+
+
+def prepare_layer(
+    module: torch.nn.Module,
+    name: str,
+    dense: torch.Tensor,
+    stats: InputStats,
+    asked: PrunerTarget | None,
+    *,
+    min_tokens: int,
+    initial: str | None,
+    nm: tuple[int, int] | None,
+    sparsity: float | None,
+    mask_structure: str | None,
+) -> ReadyLayer | SkippedLayer:
+    """
+    The layer ready to refine, or the reason it is left as it is: fewer calibration
+    tokens than ``min_tokens`` (a routed expert), or left dense by the pruner. Its
+    structure is checked (:func:`.layers.layer_structure`); standalone (``initial``),
+    its initial mask is made here, at ``sparsity``.
+
+    :param asked: what the pruner was asked for (None: standalone, or not known)
+    :param nm: DSnoT's own structure (parsed ``mask_structure``, or standalone N:M)
+    """
+    if stats.tokens < min_tokens:  # a routed expert: left as the pruner left it
+        return SkippedLayer(name, "few tokens", stats.tokens, f"saw {stats.tokens} calibration "
+                            f"tokens, fewer than min_tokens={min_tokens}")
+    current = module.weight.detach()
+    dense = dense.to(current.device)
+    if initial is not None:
+        if not torch.equal(current, dense):
+            raise DSnoTConfigError(
+                f"{name} was changed by another modifier during calibration, but "
+                f"DSnoTModifier has initial: {initial}; remove `initial` to refine "
+                "that modifier's mask, or remove the other modifier"
+            )
+        stats.check_finite(name)
+        mask = initial_mask(dense, sparsity, nm, initial, stats.sqnorm())
+        return ReadyLayer(module, name, dense, dense.masked_fill(mask, 0), stats, nm, initial, asked)
+    if not bool(((current == 0) & (dense != 0)).any()):
+        logger.debug(f"DSnoT: {name} was not pruned by an earlier modifier, left as it is")
+        return SkippedLayer(name, "not pruned", stats.tokens, "the pruner left it dense")
+    stats.check_finite(name)
+    structure = layer_structure(name, current, dense, asked, mask_structure, nm)
+    return ReadyLayer(module, name, dense, current, stats, structure, "pruner", asked)
 
 
 def stack_groups(layers: dict[torch.nn.Module, LayerState], limit: int) -> list[list[torch.nn.Module]]:
@@ -132,12 +179,13 @@ def refine_layers(
 
 
 def refine_stack(stack: list[ReadyLayer], refine_mask: Callable, objective: str,
-                 variance: str, **options) -> list[LayerReport]:
+                 variance: str, update: Callable | None = None, **options) -> list[LayerReport]:
     """
     Refine the layers of ``stack`` (one kind) in one call of ``refine_mask`` (with
-    ``segments`` if more than one), check each refined structure, then write and
-    report each layer. A layer's ``seconds`` is its share (by rows) of the call's
-    time. Logged as llm-compressor's modifiers log a layer.
+    ``segments`` if more than one), check each refined structure, then (with
+    ``update``, :func:`.update.update_weights`) re-solve each layer's kept weights on
+    its refined mask, then write and report each layer. A layer's ``seconds`` is its
+    share (by rows) of the call's time. Logged as llm-compressor's modifiers log a layer.
     """
     first = stack[0]
     with CompressionLogger(first.module) as log:
@@ -148,21 +196,39 @@ def refine_stack(stack: list[ReadyLayer], refine_mask: Callable, objective: str,
             dense = torch.cat([layer.dense for layer in stack])
             current = torch.cat([layer.current for layer in stack])
             segments = [layer.current.shape[0] for layer in stack]
+        statistics = first.stats.for_objective(objective, variance)
         result = refine_mask(dense, current, objective=objective, nm=first.nm,
                              **({} if segments is None else {"segments": segments}),
-                             **options, **first.stats.for_objective(objective, variance))
+                             **options, **statistics)
         del dense, current
         seconds = time.perf_counter() - start
         parts = [result] if segments is None else result.segments
         for layer, part in zip(stack, parts):  # never write a broken structure
             check_refined(layer.current, part.weight, layer.nm, layer.name)
+        if update is None:
+            updates = [None] * len(stack)
+        else:  # the Gram matrix of the swaps' objective, or gathered for the update
+            gram = statistics["gram"] if "gram" in statistics else first.stats.gram()
+            updates = _updated(stack, parts, update, gram)
+        del statistics
         rows = sum(layer.current.shape[0] for layer in stack)
         reports = []
-        for layer, part in zip(stack, parts):
-            write_weight(layer.module, layer.name, part.weight)
+        for layer, part, updated in zip(stack, parts, updates):
+            write_weight(layer.module, layer.name, part.weight if updated is None else updated.weight)
             reports.append(LayerReport.of(
                 part, name=layer.name, structure=format_structure(layer.nm), objective=objective,
                 initial=layer.origin, seconds=seconds * layer.current.shape[0] / rows,
-                pruner_structure=layer.asked.mask_structure if layer.asked else None))
+                pruner_structure=layer.asked.mask_structure if layer.asked else None,
+                update=updated))
         log.set_results(name="DSnoT", loss=sum(report.error_after for report in reports))
     return reports
+
+
+def _updated(stack: list[ReadyLayer], parts: list, update: Callable, gram: torch.Tensor) -> list:
+    """Each layer's kept weights re-solved on its refined mask (the mask checked unchanged)."""
+    results = []
+    for layer, part in zip(stack, parts):
+        result = update(layer.dense, part.weight, gram)
+        check_same_mask(part.weight, result.weight, layer.name)
+        results.append(result)
+    return results

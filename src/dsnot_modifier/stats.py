@@ -3,7 +3,8 @@ Streaming statistics of a linear layer's inputs, one row per token.
 
 Everything is kept as sums and counts, so the statistics are additive: two
 ``InputStats`` of the same layer (two batches, two processes) merge exactly by
-adding their fields. Plain torch; nothing here imports llm-compressor.
+adding their fields. Plain torch (and loguru for a warning); nothing here imports
+llm-compressor.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from typing import Callable, Literal, get_args
 
 import torch
+from loguru import logger
 
-from dsnot_modifier._kernels import Workspace
+from dsnot_modifier._kernels import Workspace, full_precision
 
 __all__ = ["InputStats", "LayerState", "SharedInputs", "NonFiniteStatisticsError", "batch_gram",
            "Variance", "VARIANCE_KINDS"]
@@ -41,13 +43,19 @@ class InputStats:
     - ``gram()``: ``E[x xᵀ]``, the C×C Gram matrix (only if ``with_gram``).
 
     Column sums are kept in float64, the Gram matrix in float32 (as SparseGPT's
-    Hessian), on the device given.
+    Hessian), on the device given. Its products run in full float32 precision,
+    whatever the caller's matmul precision (:func:`~dsnot_modifier._kernels.full_precision`).
 
     :param num_columns: number of input features C
     :param with_moments: keep the sums behind mean, variance and mean square
     :param with_gram: keep the Gram matrix
-    :param gram_dtype: the inputs' dtype in each batch's product ``xᵀx``: float32,
-        or bfloat16 (the sum is float32 either way; see :func:`batch_gram`)
+    :param gram_dtype: the inputs' dtype in each batch's product ``xᵀx`` (the sum is
+        float32 either way): float32; bfloat16 (see :func:`batch_gram`); or None,
+        automatic: the inputs' own dtype where they are bfloat16 or float16 and the
+        device has products of those with a float32 result (CUDA), else float32.
+        A product of two 16-bit numbers is exact in float32, so automatic gives the
+        float32 Gram of the inputs up to the order of the sums; on CPU it is the
+        float32 product itself
     """
 
     def __init__(
@@ -56,10 +64,11 @@ class InputStats:
         device: torch.device | str = "cpu",
         with_moments: bool = True,
         with_gram: bool = False,
-        gram_dtype: torch.dtype = torch.float32,
+        gram_dtype: torch.dtype | None = torch.float32,
     ):
-        if gram_dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"gram_dtype must be float32 or bfloat16, not {gram_dtype}")
+        if gram_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"gram_dtype must be float32, bfloat16 or None (automatic), not {gram_dtype}")
         self.num_columns = num_columns
         self.gram_dtype = gram_dtype
         self.tokens = 0
@@ -73,6 +82,8 @@ class InputStats:
         self.gram_sum = zeros(num_columns, num_columns, dtype=torch.float32) if with_gram else None
         #: the sums were found finite and have not changed since (see check_finite)
         self._checked = False
+        #: gram() divided ``gram_sum`` by the tokens in place: no more inputs (see gram)
+        self._final = False
 
     @property
     def device(self) -> torch.device:
@@ -97,12 +108,14 @@ class InputStats:
             )
         if x.numel() == 0:
             return
+        self._still_open()
         self._checked = False
         x = x.reshape(1, -1, self.num_columns) if x.dim() <= 2 else x.reshape(
             -1, x.shape[-2], self.num_columns
         )
-        low = x.to(device=self.device, dtype=self.gram_dtype) if (
-            self.gram_sum is not None and self.gram_dtype != torch.float32) else None
+        product_dtype = self._product_dtype(x.dtype)
+        low = x.to(device=self.device, dtype=product_dtype) if (
+            self.gram_sum is not None and product_dtype != torch.float32) else None
         if self.device.type != "cpu":
             scratch = None
         if low is None or self.sum is not None or self.sumsq is not None:
@@ -123,13 +136,25 @@ class InputStats:
             del square
         if self.seq_var_sum is not None:
             self.seq_var_sum += _sequence_variances(x, total / flat.shape[0], scratch).sum(0)
-        if low is not None:
-            self.gram_sum += batch_gram(low.reshape(-1, self.num_columns))
-        elif self.gram_sum is not None:
-            self.gram_sum.addmm_(flat.t(), flat)
+        if self.gram_sum is not None:
+            with full_precision():
+                if low is not None:
+                    self.gram_sum += batch_gram(low.reshape(-1, self.num_columns))
+                else:
+                    self.gram_sum.addmm_(flat.t(), flat)
+
+    def _product_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the Gram products take the inputs in (see ``gram_dtype``)."""
+        if self.gram_dtype is not None:
+            return self.gram_dtype
+        if input_dtype in _SIXTEEN_BIT and _has_float32_output(self.device):
+            return input_dtype
+        return torch.float32
 
     def merge_(self, other: "InputStats") -> "InputStats":
         """Add another set of statistics of the same layer into this one."""
+        self._still_open()
+        other._still_open()
         self._checked = False
         self.tokens += other.tokens
         self.sequences += other.sequences
@@ -141,6 +166,7 @@ class InputStats:
 
     def tensors(self) -> list[torch.Tensor]:
         """The additive fields, for a sum across processes (counts included)."""
+        self._still_open()
         counts = torch.tensor(
             [self.tokens, self.sequences], dtype=torch.float64, device=self.device
         )
@@ -170,6 +196,12 @@ class InputStats:
         self.tokens, self.sequences = (int(round(c)) for c in tensors[0].tolist())
         return self
 
+    def _still_open(self):
+        if self._final:
+            raise RuntimeError(
+                "these statistics are final: gram() divided the Gram sums by the number of "
+                "tokens in place, so they take no more inputs")
+
     def _need_tokens(self):
         if self.tokens == 0:
             raise ValueError("no calibration inputs were seen by this layer")
@@ -181,7 +213,10 @@ class InputStats:
     def sqnorm(self) -> torch.Tensor:
         self._need_tokens()
         if self.sumsq is None:
-            return (self.gram_sum.diagonal() / self.tokens).float()
+            diagonal = self.gram_sum.diagonal()
+            if self._final:  # divided already (the same division, entry by entry)
+                return diagonal.clone(memory_format=torch.contiguous_format)
+            return (diagonal / self.tokens).float()
         return (self.sumsq / self.tokens).float()
 
     def var(self, kind: str = "per_sequence") -> torch.Tensor:
@@ -194,10 +229,20 @@ class InputStats:
         raise ValueError(f"variance must be one of {VARIANCE_KINDS}, not {kind!r}")
 
     def gram(self) -> torch.Tensor:
+        """
+        ``E[x xᵀ]``: at the first call, ``gram_sum`` divided by the tokens in place (the
+        same values as ``gram_sum / tokens``, without a second C×C float32 copy: 3.3 GB
+        for a 70B ``down_proj``); every later call returns that same tensor. The
+        statistics are final then: ``update``, ``merge_``, ``tensors`` and
+        ``all_reduce_`` raise. Callers only read the result.
+        """
         self._need_tokens()
         if self.gram_sum is None:
             raise ValueError("these statistics were made without the Gram matrix")
-        return self.gram_sum / self.tokens
+        if not self._final:
+            self.gram_sum.div_(self.tokens)
+            self._final = True
+        return self.gram_sum
 
     def for_objective(self, objective: str, variance: str = "per_sequence") -> dict:
         """The statistics an objective refines with, as keywords of ``refine_mask``."""
@@ -215,7 +260,9 @@ class InputStats:
             return
         for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
             value = getattr(self, field)
-            if value is not None and not bool(torch.isfinite(value).all()):
+            # the extremes are finite iff every entry is (NaN propagates into both):
+            # no temporary the size of the Gram
+            if value is not None and not bool(torch.stack([value.amax(), value.amin()]).isfinite().all()):
                 raise NonFiniteStatisticsError(
                     f"the calibration inputs of {name} hold NaN or inf values, so its "
                     "statistics are not finite. Run calibration in float32 or bfloat16 "
@@ -225,21 +272,67 @@ class InputStats:
         self._checked = True
 
 
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+#: (device type, dtype) pairs whose float32-output product was found missing (warned once)
+_MISSING_PRODUCTS: set[tuple[str, torch.dtype]] = set()
+
+
 def batch_gram(x: torch.Tensor) -> torch.Tensor:
     """
-    ``xᵀx`` in float32 for ``x`` ``[tokens, C]`` in bfloat16: the product of the
-    hardware's bfloat16 units (tensor cores, AMX, AVX-512-BF16), accumulated in
-    float32. Where torch has a float32 output for it (CUDA), the result is that
-    product unrounded; elsewhere (CPU) the product comes out in bfloat16 and is
+    ``xᵀx`` in float32 for ``x`` ``[tokens, C]`` in bfloat16 or float16: the product
+    of the hardware's 16-bit units (tensor cores, AMX, AVX-512-BF16), accumulated in
+    float32. Off CPU the result is torch's float32-output product, unrounded. On CPU
+    (which has no such product) a bfloat16 product comes out in bfloat16 and is
     widened, so each batch's sum carries one bfloat16 rounding (relative 2⁻⁹) on top
-    of the inputs' own.
+    of the inputs' own. Where the float32-output product is not implemented (for that
+    device or dtype), the product of the inputs widened to float32 (the same values
+    up to the order of the sums, slower), after one warning; any other error, out
+    of memory included, is raised.
     """
-    if x.device.type == "cuda":
+    if not _has_float32_output(x.device):
+        if x.dtype == torch.bfloat16:
+            return torch.mm(x.t(), x).float()
+    elif (x.device.type, x.dtype) not in _MISSING_PRODUCTS:
         try:
-            return torch.mm(x.t(), x, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # an older torch
-            pass
-    return torch.mm(x.t(), x).float()
+            return _float32_output_product(x)
+        except (TypeError, NotImplementedError, RuntimeError) as err:
+            if not _unsupported(err):
+                raise
+            _MISSING_PRODUCTS.add((x.device.type, x.dtype))
+            _warn_fallback(x, err)
+    wide = x.float()
+    return wide.t() @ wide
+
+
+def _has_float32_output(device: torch.device) -> bool:
+    """Whether torch may have a 16-bit product with a float32 result on ``device``."""
+    return device.type != "cpu"
+
+
+def _float32_output_product(x: torch.Tensor) -> torch.Tensor:
+    return torch.mm(x.t(), x, out_dtype=torch.float32)
+
+
+def _unsupported(err: Exception) -> bool:
+    """The float32-output product is missing (not a failure of a product that exists)."""
+    message = str(err).lower()
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in message:
+        return False
+    if isinstance(err, (TypeError, NotImplementedError)):
+        return True
+    return any(words in message for words in (
+        "not implemented", "not supported", "not_supported", "out_dtype"))
+
+
+def _warn_fallback(x: torch.Tensor, err: Exception):
+    reason = str(err).partition("\n")[0][:200]
+    logger.warning(
+        f"DSnoT: torch has no {x.dtype} Gram product with a float32 result on "
+        f"{x.device.type} ({type(err).__name__}: {reason}); the "
+        "Gram matrices are computed from the inputs widened to float32 instead (the "
+        "same values up to the order of the sums, slower)"
+    )
 
 
 def _sequence_variances(x: torch.Tensor, shift: torch.Tensor, scratch=None) -> torch.Tensor:

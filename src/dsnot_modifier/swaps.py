@@ -46,13 +46,15 @@ Layers that share their inputs' statistics (q/k/v, gate/up, every expert's
 gate/up) can be refined in one call, stacked (``segments``): rows are
 independent, so their cycles run together (``mean``: all at once; ``gram``: the
 small chunks together), while everything whose rounding could depend on the
-rows around (the chunks' matrix products, the sums over rows, the thread counts)
-is done per layer as its own call does it, so each layer's result is the same,
-bit for bit.
+rows around (the chunks' matrix products, the thread counts) is done per layer as
+its own call does it, and a layer's errors are correctly rounded sums of its
+rows' errors, so each layer's result is the same, bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence, get_args
 
@@ -66,6 +68,7 @@ from dsnot_modifier._kernels import (
     block_columns,
     first_k,
     fix_ties,
+    full_precision,
     or_inf,
     Workspace,
     take,
@@ -79,7 +82,6 @@ __all__ = [
     "RefineResult",
     "refine_mask",
     "chunk_rows_for",
-    "DEVICE_MEMORY_FRACTION",
     "DEVICE_CHUNK_BYTES",
     "mean_error",
     "gram_error",
@@ -95,8 +97,8 @@ DEFAULT_THRESHOLD = 0.1 / 2048
 
 #: target number of weights in one chunk of rows (``mean``: its cycles work on
 #: ``[rows, max_cycles]`` lists, the chunk bounds the memory of making them, about 7
-#: buffers of the chunk's size). 1M: measured 1.1-1.7x faster than 4M on layers of
-#: 4096 to 11008 columns (2026-12-02, 1 and 2 threads), the same masks
+#: buffers of the chunk's size). 1M was measured faster than 4M on 7B-sized layers,
+#: with the same masks (BENCHMARKS.md, refinement speed)
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 #: the same for ``gram``, whose every cycle makes several passes over the chunk: small
@@ -109,39 +111,22 @@ GRAM_CHUNK_MIN_ROWS = 256
 #: the cycles drop the rows that stopped once the active ones are at most this share
 _COMPACT_AT = 0.5
 
-#: on an accelerator, a chunk's working memory may take at most this share of the
-#: device's free memory (what the driver reports free plus what torch's caching
-#: allocator holds unused), and at most ``DEVICE_CHUNK_BYTES``
-DEVICE_MEMORY_FRACTION = 0.5
+#: on an accelerator, a chunk's working memory is at most this, whatever the device has
+#: free: the chunking (and so the rounding of the chunks' products) depends on the
+#: layer's shape alone, and the same layer gets the same mask on every run
 DEVICE_CHUNK_BYTES = 4 << 30
-#: the budget on an accelerator whose free memory torch cannot tell (e.g. MPS)
-DEVICE_FALLBACK_BYTES = 1 << 30
 
 #: working memory of a chunk, per weight: (buffers of the compute dtype, extra bytes).
 #: ``gram``: the state's w, wc, e, 2·u, e·diag(H), two penalties and two scratch
-#: buffers, plus one transient product when it is made (10), and its boolean
-#: masks (4 bytes). ``mean``: w and wc (copies unless float32), the grow key, the
-#: Wanda score, ``Wc·mean``, two prune keys and the +inf penalty of one (8); then,
-#: at worst (every row tied, :func:`fix_ties`), the full stable sort of one list
-#: (its key's rows, their flip, the sorted values: 3, and the int64 order: 8 bytes)
-#: while the previous list's sorted values and order are still held (1 and 8
-#: bytes), and the boolean masks (4 bytes)
-_WORKING_MEMORY = {"gram": (10, 4), "mean": (12, 20)}
-
-
-def _free_device_memory(device: torch.device) -> int | None:
-    """Bytes free for torch on ``device`` (None if torch cannot tell)."""
-    module = getattr(torch, device.type, None)
-    if module is None or not hasattr(module, "mem_get_info"):
-        return None
-    try:
-        index = device.index if device.index is not None else module.current_device()
-        free, _ = module.mem_get_info(index)
-        if hasattr(module, "memory_reserved") and hasattr(module, "memory_allocated"):
-            free += module.memory_reserved(index) - module.memory_allocated(index)
-    except (RuntimeError, AssertionError):  # a backend that cannot tell after all
-        return None
-    return int(free)
+#: buffers, plus one transient product when it is made, or the rows written out (10),
+#: and its boolean masks (4 bytes). ``mean``: w and wc (copies unless float32), the
+#: grow key, the Wanda score, ``Wc·mean``, two prune keys and the +inf penalty of one
+#: (8); then, at worst (every row tied, :func:`fix_ties`), the full stable sort of one
+#: list (its key's rows, their flip, the sorted values: 3, the int64 order and its
+#: reversal: 16 bytes) while the previous list's sorted values and order are still held
+#: (1 and 8 bytes), and the mask (1 byte). The whole peak of a layer, these included:
+#: :func:`dsnot_modifier.memory.estimate_peak_bytes`
+_WORKING_MEMORY = {"gram": (10, 4), "mean": (12, 25)}
 
 
 def chunk_bytes_per_row(objective: str, cols: int, dtype: torch.dtype) -> int:
@@ -159,11 +144,10 @@ def chunk_rows_for(objective: str, rows: int, cols: int, device, dtype: torch.dt
       ``GRAM_CHUNK_MIN_ROWS`` (256) rows (its cycles make several passes over the
       chunk, which then stays in the caches).
     - Any other device (CUDA, XPU, MPS...): the whole layer in one chunk if its
-      working memory (:func:`chunk_bytes_per_row` times ``rows``) fits the budget:
-      ``DEVICE_MEMORY_FRACTION`` (1/2) of the device's free memory, at most
-      ``DEVICE_CHUNK_BYTES`` (4 GiB), or ``DEVICE_FALLBACK_BYTES`` (1 GiB) where
-      torch cannot tell the free memory. Else the fewest chunks that fit, of equal
-      size (at least one row each).
+      working memory (:func:`chunk_bytes_per_row` times ``rows``) fits
+      ``DEVICE_CHUNK_BYTES`` (4 GiB), else the fewest chunks that fit, of equal size
+      (at least one row each). Never from the free memory, so that the result does
+      not depend on it: on a device with less room, pass ``chunk_rows``.
 
     Rows are independent, so the chunking changes the time and memory, never the result.
 
@@ -174,12 +158,7 @@ def chunk_rows_for(objective: str, rows: int, cols: int, device, dtype: torch.dt
         chunk_elements = DEFAULT_CHUNK_ELEMENTS if objective == "mean" else GRAM_CHUNK_ELEMENTS
         chunk = max(1, chunk_elements // max(cols, 1))
         return max(chunk, GRAM_CHUNK_MIN_ROWS) if objective == "gram" else chunk
-    free = _free_device_memory(device)
-    if free is None:
-        budget = DEVICE_FALLBACK_BYTES
-    else:
-        budget = min(int(free * DEVICE_MEMORY_FRACTION), DEVICE_CHUNK_BYTES)
-    fit = max(1, budget // max(chunk_bytes_per_row(objective, cols, dtype), 1))
+    fit = max(1, DEVICE_CHUNK_BYTES // max(chunk_bytes_per_row(objective, cols, dtype), 1))
     if fit >= rows:
         return max(rows, 1)
     chunks = -(-rows // fit)
@@ -285,8 +264,7 @@ class _Objective:
         """The rows of several states in one (its cycles then run on all at once)."""
         if len(parts) == 1:
             return parts[0]
-        state = cls.__new__(cls)
-        state.__dict__.update(parts[0].__dict__)
+        state = copy.copy(parts[0])  # the settings shared by all parts; the rows below
         for name in cls.row_fields:
             values = [getattr(part, name) for part in parts]
             if isinstance(values[0], tuple):
@@ -327,96 +305,103 @@ class _MeanObjective(_Objective):
         rows, cols = w.shape
         self.nm, self.target = nm, target
         self.mean, self.threshold, self.sign_check = mean, threshold, sign_check
+        self.single = sign_check  # one list per row: the end of the sign of its r
         device = w.device
         # the chunk's temporaries (the same values in fresh tensors or reused buffers)
         ws = workspace if workspace is not None else Workspace(reuse=False)
-        buf = lambda name, dtype=w.dtype: ws.take(name, w.shape, dtype, device)  # noqa: E731
+        self._buf = lambda name, dtype=w.dtype: ws.take(name, w.shape, dtype, device)  # noqa: E731
         # the rows of `target` (the result) still refined
         self.rows = torch.arange(first_row, first_row + rows, device=device)
-        pruned = torch.eq(wc, 0, out=buf("mask", torch.bool))
+        pruned = torch.eq(wc, 0, out=self._buf("mask", torch.bool))
         with threads(product_threads):
-            self.r = torch.sub(w, wc, out=buf("v")) @ mean
+            self.r = torch.sub(w, wc, out=self._buf("v")) @ mean
         k = max(1, min(max_cycles, cols))
-        # grow list: pruned weights by W·mean/var^p, largest first; the positive ones
-        # (for r > 0) are walked from the front, the negative ones (r < 0) from the back
-        # (ties: the front in index order, the back in reverse index order). Kept
-        # weights get 0 (a product by the mask is faster than a masked fill)
-        if q_finite:
-            grow_key = torch.mul(w, pruned, out=buf("grow")).mul_(q)
-        else:
-            grow_key = (w * q).masked_fill_(~pruned, 0)
-        if nm is not None:
-            _fill_blocks(grow_key, _blocks_without_kept(pruned, nm[1]), 0)
-        del pruned
-        self.single = sign_check
-        if sign_check:
-            # one end per row: the back of a row is the front of its negated keys
-            pos = self.r > 0
-            grow_key.mul_(torch.where(pos, 1.0, -1.0).to(grow_key.dtype).unsqueeze(1))
-            grow_v, grow_i, tied = first_k(grow_key, k, largest=True, low_first=pos)
-            tied &= grow_v[:, -1] > 0  # a tie matters only inside the walked part
-            lists = [(grow_key, True, pos, grow_v, grow_i)]
-            grow_ok = grow_v > 0
-        else:
-            front_v, front_i, tied = first_k(grow_key, k, largest=True, low_first=True)
-            back_v, back_i, tied_back = first_k(grow_key, k, largest=False, low_first=False)
-            tied = (tied & (front_v[:, -1] > 0)) | (tied_back & (back_v[:, -1] < 0))
-            lists = [(grow_key, True, True, front_v, front_i),
-                     (grow_key, False, False, back_v, back_i)]
+        pos = self.r > 0
+        grow, tied = self._grow_lists(w, pruned, q, q_finite, k, pos)
+        del pruned  # its buffer is reused below
+        prune = []
         if nm is None:
-            # prune lists: kept weights whose removal moves r toward zero, least Wanda
-            # score first: Wc·mean < 0 for r > 0 (ties: reverse index order), Wc·mean > 0
-            # for r < 0 (ties: index order)
-            score = torch.abs(wc, out=buf("score")).mul_(score_col)
-            v = torch.mul(wc, mean, out=buf("v"))
-            mask, penalty = buf("mask", torch.bool), buf("penalty")
-            if sign_check:
-                v.mul_(torch.where(pos, 1.0, -1.0).to(v.dtype).unsqueeze(1))
-                key = or_inf(torch.lt(v, 0, out=mask), score, buf("key"), penalty)
-                del v, score
-                prune_v, prune_i, tied_prune = first_k(key, k, largest=False, low_first=~pos)
-                tied |= tied_prune & (prune_v[:, -1] < INF)
-                lists.append((key, False, ~pos, prune_v, prune_i))
-            else:
-                key_neg = or_inf(torch.lt(v, 0, out=mask), score, buf("key"), penalty)
-                key_pos = or_inf(torch.gt(v, 0, out=mask), score, buf("key_pos"), penalty)
-                del v, score
-                neg_v, neg_i, tied_neg = first_k(key_neg, k, largest=False, low_first=False)
-                pos_v, pos_i, tied_pos = first_k(key_pos, k, largest=False, low_first=True)
-                tied |= (tied_neg & (neg_v[:, -1] < INF)) | (tied_pos & (pos_v[:, -1] < INF))
-                lists += [(key_neg, False, False, neg_v, neg_i),
-                          (key_pos, False, True, pos_v, pos_i)]
-            fix_ties(tied, lists)
-            del lists
-            if sign_check:
-                prune_ok = prune_v < INF
-            else:
-                prune_ok = torch.cat([neg_v, pos_v], 1) < INF
-                prune_i = torch.cat([neg_i, pos_i], 1)
-            self.prune = (prune_ok, prune_i, wc.gather(1, prune_i))
-        else:
-            fix_ties(tied, lists)
-            del lists
-        del grow_key
-        if not sign_check:
-            self.k = front_i.shape[1]
-            grow_ok = torch.cat([front_v > 0, back_v < 0], 1)
-            grow_i = torch.cat([front_i, back_i], 1)
-        else:
-            self.k = grow_i.shape[1]
+            prune, tied_prune = self._prune_lists(wc, score_col, k, pos)
+            tied |= tied_prune
+        fix_ties(tied, grow + prune)  # rows where a top-k left a tie: full stable sorts
+        # per row: the grow list's ends side by side (or the end of its sign)
+        grow_ok = torch.cat([v > 0 if largest else v < 0 for _, largest, _, v, _ in grow], 1)
+        grow_i = torch.cat([i for *_, i in grow], 1)
+        self.k = grow[0][4].shape[1]
         self.grow = (grow_ok, grow_i, w.gather(1, grow_i))
-        if nm is not None:
-            # the Wanda scores of the blocks of the grow candidates, +inf where pruned
-            m = nm[1]
-            block = grow_i // m  # [rows, 2k] (or [rows, k])
-            columns = (block.unsqueeze(2) * m + torch.arange(m, device=device)).view(rows, -1)
-            wc_b = wc.gather(1, columns)
-            score = wc_b.abs().mul_(score_col[columns]).masked_fill_(wc_b == 0, INF)
-            self.prune = (block, score, wc_b)
+        if nm is None:
+            prune_i = torch.cat([i for *_, i in prune], 1)
+            self.prune = (torch.cat([v < INF for *_, v, _ in prune], 1), prune_i, wc.gather(1, prune_i))
+        else:
+            self.prune = self._block_scores(wc, score_col, grow_i)
+        del grow, prune
         zeros = torch.zeros(rows, dtype=torch.long, device=device)
         # swaps made (one list per row), or: grow+, grow-, prune (r>0), prune (r<0)
         self.ptr = (zeros,) if sign_check else tuple(zeros.clone() for _ in range(4))
         self.pos = self.r_new = self.w_g = None
+        del self._buf
+
+    def _grow_lists(self, w, pruned, q, q_finite, k, pos):
+        """
+        The grow list: pruned weights by ``W·mean/var^p``, largest first; the positive ones
+        (for r > 0) are walked from the front, the negative ones (r < 0) from the back
+        (ties: the front in index order, the back in reverse index order). Kept weights
+        get 0 (a product by the mask is faster than a masked fill); for N:M, so do the
+        blocks without a kept weight. With the sign check, one end per row: the back of
+        a row is the front of its negated keys.
+
+        :return: the lists' ``(key, largest, low_first, values, indices)`` and the rows
+            whose top-k's a tie leaves undecided inside the walked part
+        """
+        if q_finite:
+            key = torch.mul(w, pruned, out=self._buf("grow")).mul_(q)
+        else:
+            key = (w * q).masked_fill_(~pruned, 0)
+        if self.nm is not None:
+            _fill_blocks(key, _blocks_without_kept(pruned, self.nm[1]), 0)
+        if self.sign_check:
+            key.mul_(torch.where(pos, 1.0, -1.0).to(key.dtype).unsqueeze(1))
+            values, order, tied = first_k(key, k, largest=True, low_first=pos)
+            return [(key, True, pos, values, order)], tied & (values[:, -1] > 0)
+        front_v, front_i, tied = first_k(key, k, largest=True, low_first=True)
+        back_v, back_i, tied_back = first_k(key, k, largest=False, low_first=False)
+        tied = (tied & (front_v[:, -1] > 0)) | (tied_back & (back_v[:, -1] < 0))
+        return [(key, True, True, front_v, front_i), (key, False, False, back_v, back_i)], tied
+
+    def _prune_lists(self, wc, score_col, k, pos):
+        """
+        The prune lists (unstructured): kept weights whose removal moves r toward zero,
+        least Wanda score ``|Wc|·sqrt(sqnorm)`` first: ``Wc·mean < 0`` for r > 0 (ties:
+        reverse index order), ``Wc·mean > 0`` for r < 0 (ties: index order); the others
+        get +inf. With the sign check, one list per row, for the sign of its r.
+
+        :return: as :meth:`_grow_lists`
+        """
+        buf = self._buf
+        score = torch.abs(wc, out=buf("score")).mul_(score_col)
+        v = torch.mul(wc, self.mean, out=buf("v"))
+        mask, penalty = buf("mask", torch.bool), buf("penalty")
+        if self.sign_check:
+            v.mul_(torch.where(pos, 1.0, -1.0).to(v.dtype).unsqueeze(1))
+            key = or_inf(torch.lt(v, 0, out=mask), score, buf("key"), penalty)
+            values, order, tied = first_k(key, k, largest=False, low_first=~pos)
+            return [(key, False, ~pos, values, order)], tied & (values[:, -1] < INF)
+        key_neg = or_inf(torch.lt(v, 0, out=mask), score, buf("key"), penalty)
+        key_pos = or_inf(torch.gt(v, 0, out=mask), score, buf("key_pos"), penalty)
+        neg_v, neg_i, tied_neg = first_k(key_neg, k, largest=False, low_first=False)
+        pos_v, pos_i, tied_pos = first_k(key_pos, k, largest=False, low_first=True)
+        tied = (tied_neg & (neg_v[:, -1] < INF)) | (tied_pos & (pos_v[:, -1] < INF))
+        return [(key_neg, False, False, neg_v, neg_i), (key_pos, False, True, pos_v, pos_i)], tied
+
+    def _block_scores(self, wc, score_col, grow_i):
+        """N:M: the Wanda scores of the blocks of the grow candidates, +inf where pruned."""
+        m = self.nm[1]
+        rows = wc.shape[0]
+        block = grow_i // m  # [rows, 2k] (or [rows, k])
+        columns = (block.unsqueeze(2) * m + torch.arange(m, device=wc.device)).view(rows, -1)
+        wc_b = wc.gather(1, columns)
+        score = wc_b.abs().mul_(score_col[columns]).masked_fill_(wc_b == 0, INF)
+        return block, score, wc_b
 
     def _slot(self, pos, ptr_pos, ptr_neg):
         """Each row's place in its two lists side by side, and whether it is inside."""
@@ -667,15 +652,16 @@ def refine_mask(
         ``rtol · L_i``, so that float rounding never passes for a gain
     :param chunk_rows: rows per chunk (default: :func:`chunk_rows_for` the device;
         on CPU, about 1M weights a chunk, and for ``gram`` at least 256 rows; on an
-        accelerator, the whole layer within a memory budget)
+        accelerator, the whole layer within a fixed memory budget)
     :param segments: the numbers of rows of several layers stacked in ``dense`` and
         ``current`` (in order, summing to their rows), layers that share their inputs'
         statistics (q/k/v, gate/up). Their rows are refined together, and the
         result's ``segments`` holds each layer's result, bit for bit what refining it
-        alone gives: its chunks, matrix products, thread counts and sums are those
-        of its own call (see :func:`_segment_result`); only the cycles, whose every
-        operation is row by row and exact whatever the rows beside it, are shared.
-        The totals are the sums over the segments (``cycles``: the most)
+        alone gives: its chunks, matrix products and thread counts are those of its
+        own call; only the cycles, whose every operation is row by row and exact
+        whatever the rows beside it, are shared; its errors are correctly rounded
+        sums of its rows' errors (:func:`_segment_result`). The totals are the sums
+        over the segments (``cycles``: the most)
     """
     _check_inputs(dense, current, objective, mean, var, sqnorm, gram, nm, max_cycles)
     rows, cols = dense.shape
@@ -684,19 +670,9 @@ def refine_mask(
     dtype = _compute_dtype(current)
     device = current.device
     if objective == "mean":
-        mean = mean.to(device, dtype)
-        var = var.to(device, dtype)
-        if var_power:
-            floor = torch.finfo(dtype).tiny + 1e-12 * float(var.max().clamp_min(0))
-            var_p = var.clamp_min(floor).pow(var_power)
-        else:
-            var_p = torch.ones_like(var)
-        q = mean / var_p
-        score_col = sqnorm.to(device, dtype).clamp_min(0).sqrt()
         check = (nm is not None) if sign_check is None else bool(sign_check)
-        options = dict(mean=mean, q=q, q_finite=bool(torch.isfinite(q).all()),
-                       score_col=score_col, threshold=threshold, sign_check=check,
-                       max_cycles=max_cycles, workspace=Workspace(reuse=device.type == "cpu"))
+        options = _mean_options(mean, var, sqnorm, var_power, device, dtype)
+        options.update(threshold=threshold, sign_check=check, max_cycles=max_cycles)
     else:
         gram = gram.to(device, dtype)
         options = dict(gram=gram, h_diag=gram.diagonal().contiguous(), rtol=rtol)
@@ -706,13 +682,32 @@ def refine_mask(
     if device.type == "cpu":
         options["product_threads"] = torch.get_num_threads()
         caps = lambda n: _thread_caps(objective, n, cols, chunk_rows)  # noqa: E731
-    with at_most_threads(caps(rows)[0] if caps else None):
+    with full_precision(), at_most_threads(caps(rows)[0] if caps else None):
         result = _refine(dense, current, objective, nm, options, chunk_rows, max_cycles,
                          caps, segments)
     if not stacked:
         result.segments[0].weight = result.weight
         return result.segments[0]
     return result
+
+
+def _mean_options(mean, var, sqnorm, var_power, device, dtype) -> dict:
+    """
+    ``mean``'s per-column statistics in the compute dtype: the mean, the grow score's
+    factor ``q = mean / var^p`` (zero variances floored, so that no score is infinite
+    or NaN) and the Wanda score's ``sqrt(sqnorm)``.
+    """
+    mean = mean.to(device, dtype)
+    var = var.to(device, dtype)
+    if var_power:
+        floor = torch.finfo(dtype).tiny + 1e-12 * float(var.max().clamp_min(0))
+        var_p = var.clamp_min(floor).pow(var_power)
+    else:
+        var_p = torch.ones_like(var)
+    q = mean / var_p
+    return dict(mean=mean, q=q, q_finite=bool(torch.isfinite(q).all()),
+                score_col=sqnorm.to(device, dtype).clamp_min(0).sqrt(),
+                workspace=Workspace(reuse=device.type == "cpu"))
 
 
 def _check_segments(segments, rows: int) -> list[tuple[int, int]]:
@@ -804,7 +799,7 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, caps
 
     out = current.clone()
     swaps = torch.zeros(rows, dtype=torch.long, device=device)
-    # every row's error before and after (float64, as the sums over rows take them)
+    # every row's error before and after (float64)
     before = torch.zeros(rows, dtype=torch.float64, device=device)
     after = torch.zeros(rows, dtype=torch.float64, device=device)
     cycle_threads = caps(rows)[1] if caps else None
@@ -825,8 +820,7 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, caps
                 if idx.numel() <= _COMPACT_AT * live.numel():
                     # drop the rows that stopped: write them out, keep the active ones.
                     # Their indices, in order, without a second sync: a stable sort
-                    # puts them first, and their number is known (with these states'
-                    # rows: _segment_result replays this rule per layer)
+                    # puts them first, and their number is known
                     order = torch.sort(ok.to(torch.uint8), stable=True).indices
                     done = order[: live.numel() - idx.numel()]
                     state.write(out, live, done)
@@ -837,16 +831,8 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, caps
         state.write(out, live, None)
         after[live] = state.row_error().double()
         del state
-    units = (
-        [[(start, stop)] for start, stop in segments] if objective == "mean"
-        else [[(start, stop) for j, start, stop in _chunks(segments, chunk_rows) if j == k]
-              for k in range(len(segments))]
-    )
-    parts = [
-        _segment_result(out, swaps, before, after, segment, unit, max_cycles,
-                        caps(segment[1] - segment[0]) if caps else (None, None))
-        for segment, unit in zip(segments, units)
-    ]
+    parts = [_segment_result(out, swaps, before, after, start, stop)
+             for start, stop in segments]
     return RefineResult(
         weight=out,
         swaps=sum(part.swaps for part in parts),
@@ -858,50 +844,23 @@ def _refine(dense, current, objective, nm, options, chunk_rows, max_cycles, caps
     )
 
 
-def _segment_result(out, swaps, before, after, segment, chunks, max_cycles, caps) -> RefineResult:
+def _segment_result(out, swaps, before, after, start: int, stop: int) -> RefineResult:
     """
-    One segment's result from its rows' swaps and errors, summed as its own call
-    sums them (float sums depend on their grouping and, past 32768 terms on CPU,
-    on the thread count): ``before``, one sum per chunk (``mean``: the segment is
-    one chunk, its chunks are merged); ``after``, the sums its own cycles would
-    make when they drop the rows that stopped, then the rest. A row swaps at every
-    cycle until its first refusal, so its swap count says when it stopped, and the
-    cycles' drops are replayed from the counts alone.
+    The result of rows ``start:stop`` (one layer of a stack, or the whole layer). Its
+    errors are correctly rounded sums (``math.fsum``) of the rows' errors, so they do
+    not depend on how the rows were grouped: a layer reports the same numbers stacked
+    or alone.
     """
-    layer_threads, cycle_threads = caps
-    device = swaps.device
-    total_before = torch.zeros((), dtype=torch.float64, device=device)
-    total_after = torch.zeros((), dtype=torch.float64, device=device)
-    for start, stop in chunks:
-        rows = torch.arange(start, stop, device=device)
-        made = swaps[rows]
-        with at_most_threads(layer_threads):
-            total_before += before[rows].sum()
-        # still[c]: the rows with more than c swaps (those swapping at cycle c)
-        still = torch.bincount(made, minlength=max_cycles + 1).flip(0).cumsum(0).flip(0)
-        still = still[1:].tolist()
-        live, last = stop - start, -1  # the rows kept: those with more than `last` swaps
-        for cycle in range(max_cycles):
-            if still[cycle] == 0:
-                break
-            if still[cycle] <= _COMPACT_AT * live:
-                done = rows[(made > last) & (made <= cycle)]
-                with at_most_threads(cycle_threads):
-                    total_after += after[done].sum()
-                live, last = still[cycle], cycle
-        with at_most_threads(layer_threads):
-            total_after += after[rows[made > last]].sum()
-    start, stop = segment
     made = swaps[start:stop]
-    # one sync for the five numbers (counts are exact in float64)
-    n_swaps, n_changed, error_before, error_after, cycles = torch.stack([
-        made.sum().double(), (made > 0).sum().double(), total_before, total_after,
-        made.max().double()]).tolist()
+    # one sync for the counts and the rows' errors
+    counts, rows = torch.stack([made.sum(), (made > 0).sum(), made.max()]).tolist(), \
+        torch.stack([before[start:stop], after[start:stop]]).tolist()
+    n_swaps, n_changed, cycles = counts
     return RefineResult(
         weight=out[start:stop],
-        swaps=int(n_swaps),
-        rows_changed=int(n_changed),
-        error_before=error_before,
-        error_after=error_after,
-        cycles=int(cycles),
+        swaps=n_swaps,
+        rows_changed=n_changed,
+        error_before=math.fsum(rows[0]),
+        error_after=math.fsum(rows[1]),
+        cycles=cycles,
     )

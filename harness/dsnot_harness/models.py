@@ -56,7 +56,7 @@ def find_embedded_gguf() -> Path:
 
 
 def _sample_text() -> str:
-    from dsnot_modifier.experiments.data import TEXTS, read_text
+    from dsnot_harness.data import TEXTS, read_text
 
     # a slice of every shipped text, plus characters that byte-level BPE handles apart
     parts = [read_text(name)[20000:24000] for name in TEXTS]

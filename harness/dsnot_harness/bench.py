@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from dsnot_modifier.experiments.pipeline import environment, layer_sparsity, linear_layers
+from dsnot_harness.pipeline import environment, layer_sparsity, linear_layers
 from dsnot_modifier.masks import initial_mask, parse_sparsity
 from dsnot_modifier.report import write_json
 from dsnot_modifier.stats import VARIANCE_KINDS
@@ -52,8 +52,10 @@ __all__ = [
     "run",
 ]
 
-METHODS = ("dense", "magnitude", "wanda", "wanda+dsnot", "sparsegpt", "sparsegpt+dsnot", "dsnot",
-           "owl-wanda", "owl-wanda+dsnot", "owl-sparsegpt", "owl-sparsegpt+dsnot")
+METHODS = ("dense", "magnitude", "wanda", "wanda+dsnot", "wanda+dsnot+update", "sparsegpt",
+           "sparsegpt+dsnot", "sparsegpt+dsnot+update", "dsnot", "owl-wanda", "owl-wanda+dsnot",
+           "owl-wanda+dsnot+update", "owl-sparsegpt", "owl-sparsegpt+dsnot",
+           "owl-sparsegpt+dsnot+update")
 SPARSITIES = ("0.5", "0.6", "0.7", "0.8", "2:4", "4:8")
 _DENSE_SPARSITY = "0"
 
@@ -118,9 +120,9 @@ def _dsnot_params(spec: dict) -> dict:
 
 def run_row(spec: dict) -> dict:
     """One (method, sparsity) in this process: prune, evaluate, measure. See the module doc."""
-    from dsnot_modifier.experiments.data import calibration_windows, eval_windows
-    from dsnot_modifier.experiments.evaluate import perplexity
-    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer, make_recipe, run_oneshot
+    from dsnot_harness.data import calibration_windows, eval_windows
+    from dsnot_harness.evaluate import perplexity
+    from dsnot_harness.pipeline import load_model, load_tokenizer, make_recipe, run_oneshot
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -192,7 +194,7 @@ def _run_in_subprocess(spec: dict) -> dict:
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.run([sys.executable, "-m", "dsnot_modifier.experiments.bench", "--worker", spec_path, out_path],
+        proc = subprocess.run([sys.executable, "-m", "dsnot_harness.bench", "--worker", spec_path, out_path],
                               env=env)
         if proc.returncode != 0 or not os.path.exists(out_path):
             raise RuntimeError(
@@ -229,8 +231,8 @@ def bench(
     ``isolate=False`` runs the rows in this process (faster to start, but then
     ``peak_rss_mb`` is this process's peak so far, not the row's own).
     """
-    from dsnot_modifier.experiments.data import CALIBRATION_TEXTS, EVAL_TEXT, TEXTS
-    from dsnot_modifier.experiments.models import resolve_model
+    from dsnot_harness.data import CALIBRATION_TEXTS, EVAL_TEXT, TEXTS
+    from dsnot_harness.models import resolve_model
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -465,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         return _worker(argv[1], argv[2])
-    parser = argparse.ArgumentParser(prog="python -m dsnot_modifier.experiments.bench")
+    parser = argparse.ArgumentParser(prog="python -m dsnot_harness.bench")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(["bench", *argv]))
 

@@ -64,7 +64,7 @@ def text_perplexity(
     ``seq_len − 1`` tokens; with ``bos`` the tokenizer's BOS token is put before
     each window and all ``seq_len`` of its tokens are scored.
     """
-    from dsnot_modifier.experiments.data import eval_windows
+    from dsnot_harness.data import eval_windows
 
     ids = eval_windows(tokenizer, text, windows, seq_len)
     if bos:
@@ -84,8 +84,8 @@ def lm_eval_tasks(model: torch.nn.Module, tokenizer, tasks: list[str], limit: in
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         raise RuntimeError(
-            "zero-shot tasks need lm-evaluation-harness: pip install 'dsnot-modifier[lm-eval]' "
-            "(or pip install lm-eval); its task data comes from the Hugging Face hub"
+            "zero-shot tasks need lm-evaluation-harness: pip install lm-eval (in the repository: "
+            "scripts/setup test,lm-eval); its task data comes from the Hugging Face hub"
         ) from None
     results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
                               tasks=tasks, num_fewshot=0, limit=limit)
@@ -116,8 +116,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from dsnot_modifier.experiments.data import EVAL_TEXT
-    from dsnot_modifier.experiments.pipeline import load_model, load_tokenizer
+    from dsnot_harness.data import EVAL_TEXT
+    from dsnot_harness.pipeline import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

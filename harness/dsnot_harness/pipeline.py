@@ -54,7 +54,8 @@ def calibration_dataset(windows: torch.Tensor):
 def make_recipe(method: str, sparsity: str, owl: dict | None = None, **dsnot_params) -> list:
     """
     Modifiers for a method name: ``wanda``, ``sparsegpt``, ``wanda+dsnot``,
-    ``sparsegpt+dsnot``, ``dsnot`` (standalone, Wanda initial mask); an ``owl-``
+    ``sparsegpt+dsnot``, ``dsnot`` (standalone, Wanda initial mask); a ``+update``
+    suffix after DSnoT turns its weight update on (``update_weights``); an ``owl-``
     prefix puts an ``OWLModifier(**owl)`` first (unstructured sparsities only).
     ``sparsity`` is a fraction (``"0.6"``) or N:M (``"2:4"``).
     """
@@ -74,6 +75,10 @@ def make_recipe(method: str, sparsity: str, owl: dict | None = None, **dsnot_par
     structure = "0:0" if nm is None else f"{nm[0]}:{nm[1]}"
     common = dict(targets=["Linear"], ignore=["re:.*lm_head"])
     pruners = {"wanda": WandaPruningModifier, "sparsegpt": SparseGPTModifier}
+    if method.endswith("+update"):
+        method, dsnot_params = method[: -len("+update")], {**dsnot_params, "update_weights": True}
+        if not method.endswith("dsnot"):
+            raise ValueError(f"unknown method {method}+update: the update follows DSnoT")
     base, _, extra = method.partition("+")
     dsnot = {**common, **dsnot_params}  # DSnoT's own targets may narrow the pruner's
     if base == "dsnot" and not extra:
