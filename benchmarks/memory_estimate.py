@@ -26,7 +26,7 @@ import sys
 import torch
 
 from dsnot_modifier.memory import estimate_peak_bytes
-from dsnot_modifier.stacking import STACK_ELEMENTS
+from dsnot_modifier.stacking import STACK_ELEMENTS, cut_runs
 
 #: a decoder layer's projections, [rows, cols], in the order of their inputs' groups
 LLAMA3 = {
@@ -54,16 +54,8 @@ def stacks(layers: dict[str, tuple[int, int]]) -> list[tuple[str, list[int], int
     """
     out = []
     for group in SHARED:
-        runs, run, size = [], [], 0
-        for name in group:
-            numel = layers[name][0] * layers[name][1]
-            if run and size + numel > STACK_ELEMENTS:
-                runs.append(run)
-                run, size = [], 0
-            run.append(name)
-            size += numel
-        runs.append(run)
-        for run in runs:
+        sizes = [layers[name][0] * layers[name][1] for name in group]
+        for run in cut_runs(group, sizes, STACK_ELEMENTS):
             segments, cols = [layers[name][0] for name in run], layers[run[0]][1]
             if out and len(run) == 1 and out[-1][1:] == (segments, cols):
                 out[-1] = (f"{out[-1][0]}, {run[0]}", segments, cols)

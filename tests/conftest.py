@@ -63,12 +63,38 @@ def dense(tiny_model_dir):
     return linears(load_model(tiny_model_dir))
 
 
-@pytest.fixture
-def warnings_seen():
-    """The loguru warnings (and worse) logged during the test, as text."""
+def _logged(level: str):
+    """The loguru messages at ``level`` and above logged while the generator is open."""
     from loguru import logger
 
     seen = []
-    handle = logger.add(lambda m: seen.append(str(m)), level="WARNING")
+    handle = logger.add(lambda m: seen.append(str(m)), level=level)
     yield seen
     logger.remove(handle)
+
+
+@pytest.fixture
+def warnings_seen():
+    """The loguru warnings (and worse) logged during the test, as text."""
+    yield from _logged("WARNING")
+
+
+@pytest.fixture
+def infos():
+    """The loguru messages at INFO and above logged during the test, as text."""
+    yield from _logged("INFO")
+
+
+@pytest.fixture
+def high_precision():
+    """The caller's matmul precision set to "high" (TF32 on CUDA), put back after the test."""
+    import torch
+
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    legacy = torch.get_float32_matmul_precision()
+    own = [b.fp32_precision for b in backends]
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    for backend, value in zip(backends, own):
+        backend.fp32_precision = value

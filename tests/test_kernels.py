@@ -99,19 +99,6 @@ def test_workspace_reuses_cpu_buffers_only():
 # ------------------------------------------------------------------ matrix-product precision
 
 
-@pytest.fixture
-def high_precision():
-    """The caller's matmul precision set to "high" (TF32 on CUDA), put back after the test."""
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    legacy = torch.get_float32_matmul_precision()
-    own = [b.fp32_precision for b in backends]
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(legacy)
-    for backend, value in zip(backends, own):
-        backend.fp32_precision = value
-
-
 def test_full_precision_pins_highest_and_restores(high_precision):
     with full_precision():
         assert torch.get_float32_matmul_precision() == "highest"

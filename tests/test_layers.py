@@ -12,7 +12,6 @@ import pytest
 import torch
 from datasets import Dataset
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
-from loguru import logger
 
 from dsnot_harness.pipeline import load_model
 from dsnot_modifier import DSnoTConfigError, DSnoTModifier
@@ -46,15 +45,6 @@ def refined(name: str) -> LayerReport:
     return LayerReport(name=name, shape=[4, 8], structure="unstructured", objective="gram",
                        initial="pruner", zeros=16, sparsity=0.5, swaps=3, rows_changed=2,
                        error_before=2.0, error_after=1.5, seconds=0.25)
-
-
-@pytest.fixture
-def infos():
-    """The loguru messages at INFO and above logged during the test, as text."""
-    seen = []
-    handle = logger.add(lambda m: seen.append(str(m)), level="INFO")
-    yield seen
-    logger.remove(handle)
 
 
 # ---------------------------------------------------------------- pruner_targets

@@ -15,7 +15,6 @@ import pytest
 import torch
 from llmcompressor.modifiers.pruning import WandaPruningModifier
 from llmcompressor.transformers.compression.compressed_tensors_utils import modify_save_pretrained
-from loguru import logger
 
 from dsnot_harness.pipeline import load_model
 from dsnot_modifier import DSnoTModifier
@@ -62,15 +61,6 @@ def umask(request):
     os.umask(old)
 
 
-@pytest.fixture
-def infos():
-    """The loguru messages at INFO and above logged during the test, as text."""
-    seen = []
-    handle = logger.add(lambda m: seen.append(str(m)), level="INFO")
-    yield seen
-    logger.remove(handle)
-
-
 # ------------------------------------------------------------------- LayerReport
 
 def test_layer_report_of_a_refinement_and_its_update():
@@ -89,15 +79,17 @@ def test_layer_report_of_a_refinement_and_its_update():
     # the weight update moved values, not zeros: its weight is the one described
     updated = swapped * 2
     updated[0, 3] = 0.0  # (one more zero, to tell the two weights apart)
-    update = SimpleNamespace(weight=updated, error_before=1.0, error_after=0.8, reason=None)
+    update = SimpleNamespace(weight=updated, error_before=1.0, error_after=0.8, reason=None, seconds=0.25)
     entry = LayerReport.of(result, name="x", structure="2:4", objective="gram", initial="pruner",
                            seconds=0.5, update=update)
     assert (entry.zeros, entry.sparsity, entry.mask_digest) == (13, 13 / 32, mask_digest(updated))
     assert entry.mask_digest != mask_digest(swapped)
     assert (entry.swaps, entry.error_before, entry.error_after) == (5, 2.0, 1.0)  # the swaps' figures
     assert (entry.update_error_before, entry.update_error_after, entry.update_reason) == (1.0, 0.8, None)
+    assert entry.update_seconds == 0.25
     assert entry.pruner_structure is None
-    left = SimpleNamespace(weight=swapped, error_before=None, error_after=None, reason="singular")
+    left = SimpleNamespace(weight=swapped, error_before=None, error_after=None, reason="singular",
+                           seconds=0.0)
     entry = LayerReport.of(result, name="x", structure="2:4", objective="gram", initial="pruner",
                            seconds=0.5, update=left)
     assert entry.update_reason == "singular" and entry.zeros == 12

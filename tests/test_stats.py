@@ -176,18 +176,6 @@ def test_cpu_bfloat16_option_is_unchanged():
 # ------------------------------------------------------------------ precision
 
 
-@pytest.fixture
-def high_precision():
-    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    legacy = torch.get_float32_matmul_precision()
-    own = [b.fp32_precision for b in backends]
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(legacy)
-    for backend, value in zip(backends, own):
-        backend.fp32_precision = value
-
-
 @pytest.mark.parametrize("gram_dtype,device", [(torch.float32, "cpu"), (torch.bfloat16, "cpu"),
                                                (None, "meta")])
 def test_gram_products_run_at_highest_precision(high_precision, gram_dtype, device):

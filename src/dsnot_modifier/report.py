@@ -61,6 +61,7 @@ class LayerReport:
         ``Σ e_iᵀ H e_i`` after the swaps, before the weight update (None without it)
     :param update_error_after: the same after the weight update
     :param update_reason: why the update left the layer as the swaps did (None if it ran)
+    :param update_seconds: the time of the weight update (part of ``seconds``)
     """
 
     name: str
@@ -80,6 +81,7 @@ class LayerReport:
     update_error_before: float | None = None
     update_error_after: float | None = None
     update_reason: str | None = None
+    update_seconds: float | None = None
 
     @classmethod
     def of(cls, result, *, name: str, structure: str, objective: str, initial: str,
@@ -108,6 +110,7 @@ class LayerReport:
             update_error_before=None if update is None else update.error_before,
             update_error_after=None if update is None else update.error_after,
             update_reason=None if update is None else update.reason,
+            update_seconds=None if update is None else update.seconds,
         )
 
     @property
@@ -186,6 +189,7 @@ class DSnoTReport:
         updated = [layer for layer in self.layers if layer.update_error_after is not None]
         if updated:  # with update_weights: the gram error's change by the update
             summary["layers_updated"] = sum(layer.update_reason is None for layer in updated)
+            summary["update_seconds"] = sum(layer.update_seconds or 0.0 for layer in updated)
             summary["mean_update_error_change"] = sum(
                 layer.update_error_after / layer.update_error_before - 1
                 for layer in updated if layer.update_error_before) / len(updated)

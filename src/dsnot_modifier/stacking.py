@@ -35,7 +35,7 @@ from dsnot_modifier.offload import write_weight
 from dsnot_modifier.report import LayerReport, SkippedLayer
 from dsnot_modifier.stats import InputStats, LayerState
 
-__all__ = ["STACK_ELEMENTS", "ReadyLayer", "Prepare", "prepare_layer", "refine_layers", "stack_groups", "refine_stack"]
+__all__ = ["STACK_ELEMENTS", "ReadyLayer", "Prepare", "prepare_layer", "refine_layers", "cut_runs", "stack_groups", "refine_stack"]
 
 #: at most this many weights refined in one stacked call of ``refine_mask`` (2^24:
 #: 64 MiB a float32 copy; the call copies the stack's dense and current weights and
@@ -129,18 +129,21 @@ def stack_groups(layers: dict[torch.nn.Module, LayerState], limit: int) -> list[
     by_stats: dict[int, list[torch.nn.Module]] = {}
     for module, state in layers.items():
         by_stats.setdefault(id(state.stats), []).append(module)
-    groups = []
-    for modules in by_stats.values():
-        run, size = [], 0
-        for module in modules:
-            numel = layers[module].dense.numel()
-            if run and size + numel > limit:
-                groups.append(run)
-                run, size = [], 0
-            run.append(module)
-            size += numel
-        groups.append(run)
-    return groups
+    return [run for modules in by_stats.values()
+            for run in cut_runs(modules, [layers[m].dense.numel() for m in modules], limit)]
+
+
+def cut_runs(items: list, sizes: list[int], limit: int) -> list[list]:
+    """``items`` in order, cut into runs of at most ``limit`` in size (a larger item alone)."""
+    runs, run, total = [], [], 0
+    for item, size in zip(items, sizes):
+        if run and total + size > limit:
+            runs.append(run)
+            run, total = [], 0
+        run.append(item)
+        total += size
+    runs.append(run)
+    return runs
 
 
 def refine_layers(
@@ -185,7 +188,8 @@ def refine_stack(stack: list[ReadyLayer], refine_mask: Callable, objective: str,
     ``segments`` if more than one), check each refined structure, then (with
     ``update``, :func:`.update.update_weights`) re-solve each layer's kept weights on
     its refined mask, then write and report each layer. A layer's ``seconds`` is its
-    share (by rows) of the call's time. Logged as llm-compressor's modifiers log a layer.
+    share (by rows) of the call's time, plus its update's. Logged as llm-compressor's
+    modifiers log a layer.
     """
     first = stack[0]
     with CompressionLogger(first.module) as log:
@@ -215,9 +219,10 @@ def refine_stack(stack: list[ReadyLayer], refine_mask: Callable, objective: str,
         reports = []
         for layer, part, updated in zip(stack, parts, updates):
             write_weight(layer.module, layer.name, part.weight if updated is None else updated.weight)
+            share = seconds * layer.current.shape[0] / rows
             reports.append(LayerReport.of(
                 part, name=layer.name, structure=format_structure(layer.nm), objective=objective,
-                initial=layer.origin, seconds=seconds * layer.current.shape[0] / rows,
+                initial=layer.origin, seconds=share + (0.0 if updated is None else updated.seconds),
                 pruner_structure=layer.asked.mask_structure if layer.asked else None,
                 update=updated))
         log.set_results(name="DSnoT", loss=sum(report.error_after for report in reports))
@@ -228,7 +233,9 @@ def _updated(stack: list[ReadyLayer], parts: list, update: Callable, gram: torch
     """Each layer's kept weights re-solved on its refined mask (the mask checked unchanged)."""
     results = []
     for layer, part in zip(stack, parts):
+        start = time.perf_counter()
         result = update(layer.dense, part.weight, gram)
+        result.seconds = time.perf_counter() - start
         check_same_mask(part.weight, result.weight, layer.name)
         results.append(result)
     return results

@@ -80,6 +80,7 @@ class UpdateResult:
     :param reason: why the layer was left unchanged, else None
     :param rows_kept: rows that kept their input values because their solution was not
         better (or not finite)
+    :param seconds: wall time of the update (set by the caller that times it)
     """
 
     weight: torch.Tensor
@@ -90,6 +91,7 @@ class UpdateResult:
     status: str = "updated"
     reason: str | None = None
     rows_kept: int = 0
+    seconds: float = 0.0
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
