@@ -306,3 +306,32 @@ def test_dead_columns_without_damping(method):
     assert_mask_and_layout(result, current)
     assert result.status == "updated"
     assert result.error_after < 0.9 * result.error_before
+
+
+def test_products_run_in_full_float32_whatever_the_caller_set(high_precision, monkeypatch):
+    """A caller's ``set_float32_matmul_precision("high")`` does not reach the update's
+    products; the caller's setting is back after."""
+    import dsnot_modifier.update as update
+
+    seen = []
+    original = update.solve_cg
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(update, "solve_cg", recording)
+    dense, current, gram = make_problem(seed=5)
+    result = update_weights(dense, current, gram)
+    assert seen == ["highest"] and torch.get_float32_matmul_precision() == "high"
+    assert result.error_after < result.error_before
+
+
+def test_a_non_finite_gram_leaves_the_layer_unchanged():
+    dense, current, gram = make_problem(seed=6)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = gram.clone()
+        spoiled[3, 7] = bad
+        result = update_weights(dense, current, spoiled)
+        assert result.status == "unchanged" and torch.equal(result.weight, current)
+        assert "non-finite" in result.reason

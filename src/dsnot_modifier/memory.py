@@ -80,10 +80,6 @@ _CHECK_REFINED_BYTES = 2 + 2 + _BOOL_SUM + 2
 #: ``check_same_mask`` after the update: the zeros compared (a bool) and its sum's copy
 _CHECK_SAME_MASK_BYTES = 1 + _BOOL_SUM
 
-#: ``torch.isfinite`` of a float tensor is ``(x == x) * (x.abs() != inf)``: a copy of
-#: ``x`` (``abs``) and three bools, per element, beside ``x``'s own bytes
-_ISFINITE_BOOLS = 3
-
 #: the ``cg`` weight update's own [rows, cols] buffers at its peak: the mask (as numbers),
 #: its result, x, e, e·H, r, z, p and q, plus new x, r, z, p and mask while the rows that
 #: converged are dropped
@@ -143,15 +139,12 @@ def _initial_mask_bytes(rows: int, cols: int, nm, initial: str, device: str) -> 
     return max(8 * n, (scores + 1 + 4 + 8 + workspace) * n) + _COLUMN_BYTES * cols
 
 
-def _isfinite_bytes(elements: int, size: int) -> int:
-    return (size + _ISFINITE_BOOLS) * elements
-
-
 def _update_bytes(rows: int, cols: int, s: int, f: int) -> int:
     """
     The ``cg`` weight update of one layer (:func:`.update.update_weights`, every row at
-    once): the dense weight in the compute dtype, the finiteness checks, ``row_errors``
-    (before and after: the Gram and the rows in float64), the start, the mask, the result
+    once): the dense weight in the compute dtype (its finiteness is read from the extremes,
+    :func:`._kernels.all_finite`), ``row_errors`` (before and after: the Gram and the rows in
+    float64, made for each call and freed, not held through the solve), the start, the mask, the result
     and the solver's buffers, the candidate weight and its fixes.
     """
     n, gram = rows * cols, cols * cols
@@ -159,7 +152,6 @@ def _update_bytes(rows: int, cols: int, s: int, f: int) -> int:
     held = 3 * f * n + n  # dense, start, result; mask
     copy = f * gram if f != 4 else 0  # the Gram in a float64 compute dtype
     return copy + max(
-        f * n + max(_isfinite_bytes(n, f), _isfinite_bytes(gram, f)),  # the finiteness checks
         f * n + errors,  # the errors before
         held + _CG_BUFFERS * f * n,  # the solver
         held + 3 * s * n + 2 * n,  # the candidate's fixes (kept weights non-zero, pruned zero)

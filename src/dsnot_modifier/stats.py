@@ -16,7 +16,7 @@ from typing import Callable, Literal, get_args
 import torch
 from loguru import logger
 
-from dsnot_modifier._kernels import Workspace, full_precision
+from dsnot_modifier._kernels import Workspace, all_finite, full_precision
 
 __all__ = ["InputStats", "LayerState", "SharedInputs", "NonFiniteStatisticsError", "batch_gram",
            "Variance", "VARIANCE_KINDS"]
@@ -260,9 +260,7 @@ class InputStats:
             return
         for field in ("sum", "sumsq", "seq_var_sum", "gram_sum"):
             value = getattr(self, field)
-            # the extremes are finite iff every entry is (NaN propagates into both):
-            # no temporary the size of the Gram
-            if value is not None and not bool(torch.stack([value.amax(), value.amin()]).isfinite().all()):
+            if value is not None and not all_finite(value):
                 raise NonFiniteStatisticsError(
                     f"the calibration inputs of {name} hold NaN or inf values, so its "
                     "statistics are not finite. Run calibration in float32 or bfloat16 "

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsnot_modifier._kernels import all_finite, full_precision
+
 __all__ = [
     "UpdateResult",
     "update_weights",
@@ -259,6 +261,7 @@ def _unchanged(current: torch.Tensor, before: float, reason: str, rows_kept: int
                         iterations=0, status="unchanged", reason=reason, rows_kept=rows_kept)
 
 
+@full_precision()  # float32 products in full precision, whatever the caller set
 def update_weights(
     dense: torch.Tensor,
     current: torch.Tensor,
@@ -297,8 +300,7 @@ def update_weights(
     dense_c = dense.to(device=device, dtype=dtype)
     gram = gram.to(device=device)
     gram_c = gram.to(dtype=dtype)
-    if not (bool(torch.isfinite(dense_c).all()) and bool(torch.isfinite(current).all())
-            and bool(torch.isfinite(gram_c).all())):
+    if not (all_finite(dense_c) and all_finite(current) and all_finite(gram_c)):
         return _unchanged(current, float("nan"), "non-finite input (weight or Gram matrix)")
     before_rows = row_errors(dense_c, current, gram, chunk_rows)
     before = float(before_rows.sum())
