@@ -17,6 +17,7 @@ from compressed_tensors.offload import get_offloaded_device, update_offload_para
 from compressed_tensors.offload.cache import DiskCache
 
 from dsnot_modifier.errors import DSnoTConfigError
+from dsnot_modifier.upstream import offload_cache
 
 __all__ = ["snapshot_weight", "wait_for_snapshots", "write_weight", "check_offload_writable",
            "offload_fix"]
@@ -124,7 +125,7 @@ def write_weight(module: torch.nn.Module, name: str, weight: torch.Tensor):
     try:
         update_offload_parameter(module, "weight", weight)
     except OSError as err:
-        where = getattr(module._parameters, "offload_dir", None)
+        where = getattr(offload_cache(module), "offload_dir", None)
         fix = (
             offload_fix(where)
             if where is not None
@@ -148,7 +149,7 @@ def check_offload_writable(names: dict[torch.nn.Module, str]):
     """DSnoT (and a pruner before it) write weights offloaded to disk in place."""
     dirs: dict[str, list[str]] = {}
     for module, name in names.items():
-        cache = module._parameters
+        cache = offload_cache(module)
         if isinstance(cache, DiskCache):
             dirs.setdefault(str(cache.offload_dir), []).append(name)
     for directory, layers in dirs.items():
